@@ -1,0 +1,5 @@
+"""Routing analysis: expert utilisation during training."""
+
+from .utilisation import UtilisationTracker
+
+__all__ = ("UtilisationTracker",)

@@ -1,0 +1,98 @@
+"""`visionmoe MODE key=value ...`: the command line, in the style of `yolo`."""
+
+from __future__ import annotations
+
+import sys
+from difflib import get_close_matches
+from typing import Any
+
+from ultralytics.cfg import DEFAULT_CFG_DICT, parse_key_value_pair
+from ultralytics.utils import ASSETS, LOGGER
+
+from .models.yolo.model import DEFAULT_MODEL
+from .nn.settings import MoESettings, pop_moe_overrides
+
+MODES = ("train", "val", "predict", "export", "info", "help")
+
+HELP = f"""
+visionmoe: sparse Mixture-of-Experts detectors on Ultralytics.
+
+  visionmoe MODE [key=value ...]
+
+  MODE       one of {', '.join(MODES)}
+  key=value  any Ultralytics argument (epochs=3 imgsz=320 device=cpu ...), plus the MoE settings
+             {', '.join(MoESettings.keys())}
+             which apply when the model is built from a YAML (default model={DEFAULT_MODEL})
+
+Examples:
+  visionmoe train data=coco8.yaml epochs=3 imgsz=320
+  visionmoe train model=visionmoe-yolo-s.yaml data=coco8.yaml experts=8 top_k=1
+  visionmoe predict model=runs/detect/train/weights/best.pt source=bus.jpg
+  visionmoe val model=runs/detect/train/weights/best.pt data=coco8.yaml
+  visionmoe export model=runs/detect/train/weights/best.pt format=onnx
+  visionmoe info model=visionmoe-yolo-m.yaml
+"""
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as written."""
+
+
+def parse_args(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Split `MODE key=value ...` into (mode, Ultralytics overrides, MoE settings); unknown keys fail."""
+    if not argv or argv[0] in {"help", "-h", "--help"}:
+        return "help", {}, {}
+    mode, *pairs = argv
+    if mode not in MODES:
+        raise UsageError(f"unknown mode '{mode}': use one of {', '.join(MODES)} (see 'visionmoe help')")
+    overrides: dict[str, Any] = {}
+    valid = [*DEFAULT_CFG_DICT, *MoESettings.keys()]
+    for pair in pairs:
+        if "=" not in pair:
+            raise UsageError(f"argument '{pair}' is not key=value: write it as e.g. 'epochs=3'")
+        key, value = parse_key_value_pair(pair.removeprefix("--"))
+        if key not in valid:
+            close = get_close_matches(key, valid, n=3)
+            hint = f" Similar arguments are {[f'{k}={_default(k)}' for k in close]}." if close else ""
+            raise UsageError(
+                f"'{key}' is not a valid visionmoe argument.{hint} Valid arguments: {', '.join(sorted(valid))}"
+            )
+        overrides[key] = value
+    return mode, overrides, pop_moe_overrides(overrides)
+
+
+def _default(key: str) -> Any:
+    return DEFAULT_CFG_DICT[key] if key in DEFAULT_CFG_DICT else getattr(MoESettings(), key)
+
+
+def run(argv: list[str]) -> Any:
+    """Run one command; returns what the model method returned."""
+    from .models.yolo.model import VisionMoE
+
+    mode, overrides, moe = parse_args(argv)
+    if mode == "help":
+        LOGGER.info(HELP)
+        return None
+    model = VisionMoE(overrides.pop("model", DEFAULT_MODEL), **moe)
+    if mode == "info":
+        return model.info(imgsz=overrides.get("imgsz", 640))
+    if mode == "predict":
+        overrides.setdefault("source", ASSETS)
+    if mode == "export":
+        overrides.setdefault("format", "onnx")
+    return getattr(model, mode)(**overrides)
+
+
+def entrypoint(argv: list[str] | None = None) -> int:
+    """Console script: errors a user can fix print as one line and exit 2."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except (ValueError, FileNotFoundError, SyntaxError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the source formatted
+        print(f"visionmoe error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(entrypoint())

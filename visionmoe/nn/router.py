@@ -1,0 +1,46 @@
+"""Router: scores the experts from visual features and picks the top-k."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .routing import Routing, route
+from .settings import MoESettings
+
+
+class Router(nn.Module):
+    """Gate over E experts, run in fp32 whatever the model's precision.
+
+    Per image: x [B, C, H, W] is average-pooled to [B, C], giving logits [B, E].
+    Per token: x [B, T, C] gives logits [B, T, E].
+    """
+
+    def __init__(self, channels: int, settings: MoESettings):
+        super().__init__()
+        self.num_experts = settings.experts
+        self.top_k = settings.top_k
+        self.renormalize = settings.renormalize
+        self.noise = settings.noise
+        e = settings.experts
+        layers = [nn.Linear(channels, e)] if settings.router == "linear" else [
+            nn.Linear(channels, channels),
+            nn.SiLU(),
+            nn.Linear(channels, e),
+        ]
+        self.gate = nn.Sequential(*layers)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] or [B, T, C] -> fp32 logits [B, E] or [B, T, E]."""
+        h = (x.mean((2, 3)) if x.dim() == 4 else x).float()
+        # Weights are cast too: a model converted with .half() must still route in fp32, since low-precision
+        # routers collapse onto a few experts.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for layer in self.gate:
+                h = F.linear(h, layer.weight.float(), layer.bias.float()) if isinstance(layer, nn.Linear) else layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """Route x; gate noise is applied in training only."""
+        return route(self.logits(x), self.top_k, self.renormalize, self.noise if self.training else 0.0)

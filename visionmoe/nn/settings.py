@@ -1,0 +1,102 @@
+"""MoE settings: one validated record per model, read from the `moe:` section of a model YAML."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from difflib import get_close_matches
+from typing import Any
+
+ROUTERS = ("linear", "mlp")
+
+
+@dataclass(frozen=True)
+class MoESettings:
+    """Settings shared by every MoE layer of a model.
+
+    Attributes:
+        experts: Number of routed experts per MoE layer (E).
+        top_k: Experts each sample (or token) runs (k), a constant so that exported graphs stay static.
+        router: Gate type, 'linear' (one linear layer) or 'mlp' (linear-SiLU-linear).
+        shared_expert: Add an always-on expert beside the routed ones (DeepSeekMoE style).
+        renormalize: Rescale the k chosen gates to sum to 1 (Mixtral style); off keeps Switch-style gates.
+        noise: Std of Gaussian noise added to router logits in training only (V-MoE uses 1/E); 0 disables it.
+        capacity_factor: (train, eval) capacity factors of token-routed layers, C = ceil(k*T*cf/E).
+        balance_loss: Weight alpha of the Switch load-balance loss.
+        z_loss: Weight beta of the ST-MoE router z-loss.
+    """
+
+    experts: int = 4
+    top_k: int = 1
+    router: str = "linear"
+    shared_expert: bool = False
+    renormalize: bool = False
+    noise: float = 0.0
+    capacity_factor: tuple[float, float] | None = None
+    balance_loss: float = 0.01
+    z_loss: float = 0.001
+
+    def __post_init__(self) -> None:
+        def fail(problem: str) -> None:
+            raise ValueError(f"invalid MoE setting: {problem}")
+
+        if not isinstance(self.experts, int) or isinstance(self.experts, bool) or self.experts < 1:
+            fail(f"experts={self.experts!r}, use an integer >= 1")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.experts:
+            fail(f"top_k={self.top_k!r} with experts={self.experts}, use 1 <= top_k <= experts")
+        if self.router not in ROUTERS:
+            fail(f"router={self.router!r}, use one of {list(ROUTERS)}")
+        for name in ("shared_expert", "renormalize"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name}={getattr(self, name)!r}, use True or False")
+        for name in ("noise", "balance_loss", "z_loss"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                fail(f"{name}={value!r}, use a number >= 0")
+        if self.capacity_factor is not None:
+            cf = self.capacity_factor
+            if isinstance(cf, (int, float)) and not isinstance(cf, bool):
+                cf = (cf, cf)
+            if not (isinstance(cf, (list, tuple)) and len(cf) == 2 and all(isinstance(c, (int, float)) for c in cf)):
+                fail(f"capacity_factor={self.capacity_factor!r}, use one number or [train, eval]")
+            if min(cf) <= 0:
+                fail(f"capacity_factor={self.capacity_factor!r}, capacity factors must be > 0")
+            object.__setattr__(self, "capacity_factor", (float(cf[0]), float(cf[1])))
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Names of all settings, as they appear in YAML files and on the command line."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None, source: str = "moe settings") -> MoESettings:
+        """Build settings from a mapping, naming any unknown key and its closest valid spelling."""
+        values = dict(values or {})
+        check_keys(values, source)
+        return cls(**values)
+
+    def replace(self, **overrides: Any) -> MoESettings:
+        """Return a copy with `overrides` applied and validated."""
+        check_keys(overrides, "MoE overrides")
+        return MoESettings(**{**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for YAML files and checkpoints (tuples become lists)."""
+        d = asdict(self)
+        if d["capacity_factor"] is not None:
+            d["capacity_factor"] = list(d["capacity_factor"])
+        return d
+
+
+def check_keys(values: dict[str, Any], source: str) -> None:
+    """Raise a one-line error for keys that are not MoE settings."""
+    valid = MoESettings.keys()
+    for key in values:
+        if key not in valid:
+            close = get_close_matches(key, valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown key '{key}' in {source}{hint}; valid MoE keys are {', '.join(valid)}")
+
+
+def pop_moe_overrides(args: dict[str, Any]) -> dict[str, Any]:
+    """Remove MoE keys from an Ultralytics argument dict and return them, so that its key check stays strict."""
+    return {k: args.pop(k) for k in MoESettings.keys() if k in args}

@@ -1,0 +1,30 @@
+"""Small shared helpers: where packaged configs live, CPU threads."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+def packaged_dir(name: str) -> Path:
+    """Folder of packaged YAMLs: `cfg` or `datasets`, from an install or from a source checkout."""
+    try:
+        return Path(str(resources.files(f"visionmoe.{name}")))
+    except ModuleNotFoundError:  # running from a checkout where the top-level folder is not mapped into the package
+        return Path(__file__).resolve().parents[2] / name
+
+
+def allowed_cpus() -> int:
+    """CPU cores this process may use: OMP_NUM_THREADS if set, else the scheduler's affinity mask."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def use_allowed_cpus(device: torch.device) -> None:
+    """Run CPU work on every allowed core (Ultralytics leaves one core idle, a whole half on 2-core machines)."""
+    if device.type == "cpu":
+        torch.set_num_threads(allowed_cpus())
