@@ -22,18 +22,18 @@ class UtilisationTracker:
     """Accumulates per-block expert counts from each training step's routing and writes them once per epoch."""
 
     def __init__(self) -> None:
-        self.counts: dict[int, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
 
-    def update(self, blocks) -> None:
-        """Add the last routing of every MoE block (blocks need `.i`, `.router.num_experts` and `.routing`)."""
-        for block in blocks:
+    def update(self, named_blocks) -> None:
+        """Add the last routing of every (name, MoE block) pair; blocks carry `.router.num_experts` and `.routing`."""
+        for name, block in named_blocks:
             if block.routing is not None:
                 counts = expert_counts(block.routing.indices.detach(), block.router.num_experts).cpu()
-                self.counts[block.i] = self.counts.get(block.i, 0) + counts
+                self.counts[name] = self.counts.get(name, 0) + counts
 
-    def shares(self) -> dict[int, torch.Tensor]:
+    def shares(self) -> dict[str, torch.Tensor]:
         """Per block, the fraction of all assignments that went to each expert."""
-        return {i: c.double() / max(int(c.sum()), 1) for i, c in sorted(self.counts.items())}
+        return {name: c.double() / max(int(c.sum()), 1) for name, c in self.counts.items()}
 
     def imbalances(self) -> list[str]:
         """One message per block with dead (< 1/4 fair share) or dominant experts."""
@@ -47,7 +47,7 @@ class UtilisationTracker:
             if dead or dominant:
                 parts = [f"dead experts {dead}"] * bool(dead) + [f"dominant experts {dominant}"] * bool(dominant)
                 shares = ", ".join(f"{s:.2f}" for s in share.tolist())
-                messages.append(f"MoE layer {i}: {' and '.join(parts)} (shares {shares}, fair share {1 / e:.2f})")
+                messages.append(f"MoE block {i}: {' and '.join(parts)} (shares {shares}, fair share {1 / e:.2f})")
         return messages
 
     def write(self, path: Path, epoch: int) -> None:

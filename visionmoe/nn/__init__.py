@@ -22,3 +22,16 @@ __all__ = (
     "route",
     "sparse_mixture",
 )
+
+
+def _allow_safe_loading() -> None:
+    """Allow visionmoe's classes in `torch.load(weights_only=True)`, which ULTRALYTICS_SAFE_LOAD=1 uses.
+
+    `add_safe_globals` is torch's documented allow-list; it changes nothing for any other class.
+    """
+    import torch
+
+    torch.serialization.add_safe_globals([MoEDetectionModel, MoEC3k2, Router, BottleneckStack])
+
+
+_allow_safe_loading()

@@ -36,6 +36,10 @@ class MoEBlock(nn.Module):
         # The last routing is scratch state for losses and logging; never pickle it into checkpoints.
         return {**super().__getstate__(), "routing": None}
 
+    def params_per_expert(self) -> int:
+        """Parameters of one routed expert (all experts of a block have the same shape)."""
+        return sum(p.numel() for p in self.experts[0].parameters())
+
     def mixture(self, x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch.Tensor:
         mix = sparse_mixture if self.dispatch == "sparse" else dense_mixture
         return mix(x, experts, routing.indices, routing.gates)

@@ -106,7 +106,63 @@ def load_model_yaml(cfg: str | Path | dict[str, Any], **moe_overrides: Any) -> d
     return d
 
 
-class MoEDetectionModel(DetectionModel):
+class MoEModel:
+    """What every visionmoe model adds to its Ultralytics base model: settings, aux loss, active size and FLOPs.
+
+    Mixed into BaseModel subclasses that keep their YAML dict (with a resolved `moe` section) in `self.yaml`.
+    """
+
+    yaml: dict[str, Any]
+
+    @property
+    def moe_settings(self) -> MoESettings:
+        return MoESettings.from_dict(self.yaml["moe"])
+
+    def named_moe_blocks(self) -> list[tuple[str, MoEBlock]]:
+        """(module name, block) of every MoE block, in forward order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoEBlock)]
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        """MoE blocks in forward order."""
+        return [m for _, m in self.named_moe_blocks()]
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum over MoE blocks of `alpha * balance + beta * z` for the last forward pass."""
+        s = self.moe_settings
+        return sum(aux_loss(m.routing, s.balance_loss, s.z_loss) for m in self.moe_blocks())
+
+    def loss(self, batch: dict[str, Any], preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Detection loss plus the MoE aux loss, which appears as the 'moe' column in logs and results.csv."""
+        loss, items = super().loss(batch, preds)
+        aux = self.aux_loss()
+        scaled = (aux * batch["img"].shape[0]).reshape(1).to(loss.dtype)  # same batch scaling as the criterion
+        return torch.cat((loss, scaled)), {**items, "moe": aux.detach()}
+
+    def active_params(self) -> int:
+        """Parameters used for one image: all but the (E - k) unchosen experts of every block."""
+        s = self.moe_settings
+        unused = sum((s.experts - s.top_k) * m.params_per_expert() for m in self.moe_blocks())
+        return sum(p.numel() for p in self.parameters()) - unused
+
+    def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list[int] = 640):
+        """Print and return (layers, total params, active params, active GFLOPs at imgsz)."""
+        if not verbose:
+            return None
+        n_l = sum(1 for m in self.modules() if not m._modules)
+        n_p = sum(p.numel() for p in self.parameters())
+        n_a = self.active_params()
+        gflops = active_gflops(self, imgsz, self.yaml.get("channels", 3))
+        s = self.moe_settings
+        scale = f"-{self.yaml['scale']}" if self.yaml.get("scale") else ""
+        name = Path(self.yaml.get("yaml_file", "visionmoe")).stem + scale
+        LOGGER.info(
+            f"{name} summary: {n_l:,} layers, {n_p:,} parameters ({n_a:,} active), {gflops:.1f} active GFLOPs; "
+            f"{len(self.moe_blocks())} MoE blocks, {s.experts} experts, top-{s.top_k}"
+        )
+        return n_l, n_p, n_a, gflops
+
+
+class MoEDetectionModel(MoEModel, DetectionModel):
     """YOLO detection model whose MoE rows are sparse MoE blocks; adds the routers' aux losses to the loss."""
 
     def __init__(
@@ -136,44 +192,9 @@ class MoEDetectionModel(DetectionModel):
         if verbose:
             self.info()
 
-    @property
-    def moe_settings(self) -> MoESettings:
-        return MoESettings.from_dict(self.yaml["moe"])
 
-    def moe_blocks(self) -> list[MoEBlock]:
-        """MoE blocks in forward order."""
-        return [m for m in self.model if isinstance(m, MoEBlock)]
-
-    def aux_loss(self) -> torch.Tensor:
-        """Sum over MoE blocks of `alpha * balance + beta * z` for the last forward pass."""
-        s = self.moe_settings
-        return sum(aux_loss(m.routing, s.balance_loss, s.z_loss) for m in self.moe_blocks())
-
-    def loss(self, batch: dict[str, Any], preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Detection loss plus the MoE aux loss, which appears as the 'moe' column in logs and results.csv."""
-        loss, items = super().loss(batch, preds)
-        aux = self.aux_loss()
-        scaled = (aux * batch["img"].shape[0]).reshape(1).to(loss.dtype)  # same batch scaling as the criterion
-        return torch.cat((loss, scaled)), {**items, "moe": aux.detach()}
-
-    def active_params(self) -> int:
-        """Parameters used for one image: all but the (E - k) unchosen experts of every block."""
-        s = self.moe_settings
-        unused = sum((s.experts - s.top_k) * sum(p.numel() for p in m.experts[0].parameters()) for m in self.moe_blocks())
-        return sum(p.numel() for p in self.parameters()) - unused
-
-    def info(self, detailed: bool = False, verbose: bool = True, imgsz: int | list[int] = 640):
-        """Print and return (layers, total params, active params, active GFLOPs at imgsz)."""
-        if not verbose:
-            return None
-        n_l = sum(1 for m in self.modules() if not m._modules)
-        n_p = sum(p.numel() for p in self.parameters())
-        n_a = self.active_params()
-        gflops = active_gflops(self, imgsz, self.yaml.get("channels", 3))
-        s = self.moe_settings
-        name = Path(self.yaml.get("yaml_file", "visionmoe")).stem + (f"-{self.yaml['scale']}" if self.yaml.get("scale") else "")
-        LOGGER.info(
-            f"{name} summary: {n_l:,} layers, {n_p:,} parameters ({n_a:,} active), {gflops:.1f} active GFLOPs; "
-            f"{len(self.moe_blocks())} MoE blocks, {s.experts} experts, top-{s.top_k}"
-        )
-        return n_l, n_p, n_a, gflops
+def build_model(
+    cfg: str | Path | dict[str, Any], ch: int = 3, nc: int | None = None, verbose: bool = True, **moe_overrides: Any
+) -> MoEModel:
+    """Build the model a visionmoe YAML describes (every family goes through here)."""
+    return MoEDetectionModel(cfg, ch=ch, nc=nc, verbose=verbose, **moe_overrides)

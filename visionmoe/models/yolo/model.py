@@ -11,7 +11,7 @@ from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidato
 from ultralytics.utils import RANK
 
 from ...nn.settings import MoESettings
-from ...nn.tasks import MoEDetectionModel, load_model_yaml
+from ...nn.tasks import build_model, load_model_yaml
 from .train import MoEDetectionTrainer
 
 DEFAULT_MODEL = "visionmoe-yolo-n.yaml"
@@ -41,7 +41,7 @@ class VisionMoE(Model):
         cfg_dict = load_model_yaml(cfg, **self.moe_overrides)
         self.cfg = cfg
         self.task = task or "detect"
-        self.model = self._smart_load("model")(cfg_dict, verbose=verbose and RANK == -1)
+        self.model = build_model(cfg_dict, verbose=verbose and RANK == -1)
         self.overrides["model"] = self.cfg
         self.overrides["task"] = self.task
         self.model.args = {**DEFAULT_CFG_DICT, **self.overrides}  # lets export and predict run on a YAML model
@@ -56,7 +56,7 @@ class VisionMoE(Model):
     def task_map(self) -> dict[str, dict[str, Any]]:
         return {
             "detect": {
-                "model": MoEDetectionModel,
+                "model": build_model,
                 "trainer": MoEDetectionTrainer,
                 "validator": DetectionValidator,
                 "predictor": DetectionPredictor,

@@ -12,7 +12,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from ...analysis.utilisation import UtilisationTracker
 from ...nn.settings import MoESettings, pop_moe_overrides
-from ...nn.tasks import MoEDetectionModel
+from ...nn.tasks import MoEModel, build_model
 from ...utils import use_allowed_cpus
 
 UTILISATION_CSV = "expert_utilisation.csv"
@@ -38,9 +38,9 @@ class MoEDetectionTrainer(DetectionTrainer):
         self.add_callback("on_train_batch_end", _track_utilisation)
         self.add_callback("on_train_epoch_end", _write_utilisation)
 
-    def get_model(self, cfg=None, weights=None, verbose: bool = True) -> MoEDetectionModel:
+    def get_model(self, cfg=None, weights=None, verbose: bool = True) -> MoEModel:
         """Build the MoE model for this dataset's classes, optionally loading weights."""
-        model = MoEDetectionModel(
+        model = build_model(
             cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, **self.moe_overrides
         )
         model = self.set_model_names_for_load(model)
@@ -50,7 +50,7 @@ class MoEDetectionTrainer(DetectionTrainer):
 
 
 def _track_utilisation(trainer: MoEDetectionTrainer) -> None:
-    trainer.utilisation.update(unwrap_model(trainer.model).moe_blocks())
+    trainer.utilisation.update(unwrap_model(trainer.model).named_moe_blocks())
 
 
 def _write_utilisation(trainer: MoEDetectionTrainer) -> None:
