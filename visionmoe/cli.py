@@ -78,6 +78,7 @@ def run(argv: list[str]) -> Any:
         return model.info(imgsz=overrides.get("imgsz", 640))
     if mode == "predict":
         overrides.setdefault("source", ASSETS)
+        overrides.setdefault("save", True)  # as `yolo predict` does; Ultralytics only detects its own CLI
     if mode == "export":
         overrides.setdefault("format", "onnx")
     return getattr(model, mode)(**overrides)

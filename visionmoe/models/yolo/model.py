@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import cv2
 from ultralytics.cfg import DEFAULT_CFG_DICT
+from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.engine.model import Model
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidator
 from ultralytics.utils import RANK
@@ -15,6 +17,14 @@ from ...nn.tasks import build_model, load_model_yaml
 from .train import MoEDetectionTrainer
 
 DEFAULT_MODEL = "visionmoe-yolo-n.yaml"
+
+
+def check_image_files(source: Any) -> None:
+    """Raise a one-line error for an image file (or list of them) that OpenCV cannot decode."""
+    for item in source if isinstance(source, (list, tuple)) else [source]:
+        if isinstance(item, (str, Path)) and Path(item).suffix[1:].lower() in IMG_FORMATS and Path(item).is_file():
+            if not cv2.haveImageReader(str(item)):
+                raise ValueError(f"cannot read image '{item}': it is corrupt or not an image; pass a readable image file")
 
 
 class VisionMoE(Model):
@@ -47,6 +57,11 @@ class VisionMoE(Model):
         self.model.args = {**DEFAULT_CFG_DICT, **self.overrides}  # lets export and predict run on a YAML model
         self.model.task = self.task
         self.model_name = cfg
+
+    def predict(self, source: Any = None, stream: bool = False, predictor=None, **kwargs: Any):
+        """Ultralytics predict, but an unreadable image file fails loudly instead of being skipped with a warning."""
+        check_image_files(source)
+        return super().predict(source, stream=stream, predictor=predictor, **kwargs)
 
     def train(self, trainer=None, **kwargs: Any):
         """Train with MoEDetectionTrainer; MoE settings given at construction reach the trainer's model build."""

@@ -1,0 +1,132 @@
+"""Every packaged model builds; MoE settings flow from YAML and overrides; bad configs fail loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils import YAML
+
+from visionmoe import VisionMoE
+from visionmoe.nn import MoEBlock, MoESettings, load_model_yaml
+from visionmoe.nn.tasks import build_model, models_dir
+from visionmoe.utils.flops import active_gflops
+
+CONFIGS = sorted(
+    f"{path.stem}-{scale}.yaml" for path in models_dir().glob("*.yaml") for scale in YAML.load(path)["scales"]
+)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_packaged_config_builds_and_runs(name):
+    model = build_model(name, nc=3, verbose=False).eval()
+    assert model.moe_blocks(), f"{name} has no MoE block"
+    with torch.no_grad():
+        y = model(torch.zeros(1, 3, 64, 64))
+    assert y[0].shape[:2] == (1, 4 + 3)
+    total = sum(p.numel() for p in model.parameters())
+    assert model.active_params() < total
+
+
+@pytest.mark.parametrize("scale", ["n", "s", "m", "l", "x"])
+def test_yolo_moe_active_flops_match_yolo11_at_top1(scale):
+    moe = build_model(f"visionmoe-yolo-{scale}.yaml", verbose=False, top_k=1)
+    dense = DetectionModel(f"yolo11{scale}.yaml", verbose=False)
+    ratio = active_gflops(moe, 256) / active_gflops(dense, 256)
+    assert 0.9 <= ratio <= 1.1, f"scale {scale}: active GFLOPs {ratio:.3f}x YOLO11{scale}"
+    assert sum(p.numel() for p in moe.parameters()) > sum(p.numel() for p in dense.parameters())
+
+
+def test_params_grow_with_experts_but_active_params_do_not():
+    small, big = (build_model("visionmoe-yolo-n.yaml", verbose=False, experts=e) for e in (2, 8))
+    total = [sum(p.numel() for p in m.parameters()) for m in (small, big)]
+    assert total[1] > total[0] * 1.5
+    assert abs(big.active_params() - small.active_params()) < 0.01 * small.active_params()  # only router sizes differ
+
+
+def test_overrides_from_python_reach_every_block(capsys):
+    model = VisionMoE("visionmoe-yolo-n.yaml", experts=8, top_k=2, shared_expert=True)
+    blocks = [m for m in model.model.modules() if isinstance(m, MoEBlock)]
+    assert len(blocks) == 6
+    assert all(len(b.experts) == 8 and b.router.top_k == 2 and b.shared is not None for b in blocks)
+    assert model.model.yaml["moe"]["experts"] == 8
+    layers, total, active, gflops = model.info(imgsz=128)
+    assert active < total and gflops > 0
+
+
+def test_yaml_moe_section_is_read(tmp_path):
+    cfg = YAML.load(models_dir() / "visionmoe-yolo.yaml")
+    cfg["moe"].update(experts=3, top_k=2, router="mlp")
+    path = tmp_path / "custom-moe.yaml"
+    YAML.save(path, cfg)
+    model = build_model(path, verbose=False)
+    assert model.moe_settings == MoESettings(experts=3, top_k=2, router="mlp")
+    assert all(len(b.experts) == 3 for b in model.moe_blocks())
+
+
+def test_scale_from_name():
+    assert load_model_yaml("visionmoe-yolo-s.yaml")["scale"] == "s"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"top_k": 5}, "top_k=5 with experts=4"),
+        ({"experts": 0}, "experts=0"),
+        ({"router": "softmax"}, "router='softmax'"),
+        ({"expert": 4}, "unknown key 'expert'"),
+        ({"balance_loss": -1.0}, "balance_loss=-1.0"),
+    ],
+)
+def test_impossible_settings_fail_with_one_line(overrides, message):
+    with pytest.raises(ValueError, match=message) as e:
+        VisionMoE("visionmoe-yolo-n.yaml", **overrides)
+    assert "\n" not in str(e.value)
+
+
+def _write_yaml(tmp_path: Path, **changes) -> Path:
+    cfg = YAML.load(models_dir() / "visionmoe-yolo.yaml")
+    cfg.update(changes)
+    path = tmp_path / "broken-moe.yaml"
+    YAML.save(path, cfg)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"moe": {"expertz": 4}}, "unknown key 'expertz'.*did you mean 'experts'"),
+        ({"backbon": []}, "unknown keys \\['backbon'\\]"),
+        ({"head": [[-1, 1, "MoEC3k3", [64]]]}, "unknown module 'MoEC3k3'"),
+        ({"head": "Detect"}, "'head' must be a non-empty list"),
+    ],
+)
+def test_invalid_model_yaml_fails_with_one_line(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message) as e:
+        build_model(_write_yaml(tmp_path, **change), verbose=False)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_without_moe_layers_is_refused(tmp_path):
+    cfg = YAML.load(models_dir() / "visionmoe-yolo.yaml")
+    for row in cfg["backbone"] + cfg["head"]:
+        row[2] = row[2].replace("MoEC3k2", "C3k2")
+    path = tmp_path / "dense.yaml"
+    YAML.save(path, cfg)
+    with pytest.raises(ValueError, match="has no MoE layer"):
+        build_model(path, verbose=False)
+
+
+def test_missing_model_and_bad_scale():
+    with pytest.raises(FileNotFoundError, match="model 'nope.yaml' not found.*visionmoe-yolo.yaml"):
+        VisionMoE("nope.yaml")
+    with pytest.raises(ValueError, match="scale 'q'"):
+        VisionMoE("visionmoe-yolo-q.yaml")
+    with pytest.raises(FileNotFoundError, match="ultralytics.YOLO"):
+        VisionMoE("yolo11n.yaml")
+
+
+def test_packaged_yamls_are_found_from_the_install():
+    assert (models_dir() / "visionmoe-yolo.yaml").is_file()

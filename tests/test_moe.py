@@ -1,0 +1,125 @@
+"""Sparse MoE blocks: equal to the dense reference, batch invariant, sparse, trainable, DDP-safe."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+from ultralytics.nn.modules import C3k2
+
+from visionmoe.nn import MoEC3k2, MoESettings
+
+
+def make_block(seed: int = 0, **settings) -> MoEC3k2:
+    torch.manual_seed(seed)
+    block = MoEC3k2.from_dense(C3k2(16, 24, n=2, c3k=True), MoESettings(**settings))
+    # spread router logits so that different images pick different experts
+    torch.nn.init.normal_(block.router.gate[-1].weight, std=3.0)
+    return block
+
+
+def images(n: int = 8, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, 8, 8, generator=g) + 3 * torch.randn(n, 16, 1, 1, generator=g)  # per-image channel offsets
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"top_k": 1}, {"top_k": 2}, {"top_k": 2, "renormalize": True}, {"top_k": 1, "shared_expert": True},
+     {"top_k": 3, "experts": 6, "router": "mlp"}],
+)  # fmt: skip
+def test_sparse_equals_dense_reference(settings):
+    block = make_block(**settings).eval()
+    x = images()
+    with torch.no_grad():
+        sparse = block(x)
+        chosen = block.routing.indices
+        block.dispatch = "dense"
+        dense = block(x)
+    assert torch.equal(block.routing.indices, chosen)
+    assert len(chosen.unique()) > 1, "inputs must reach several experts for the comparison to mean anything"
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
+
+
+def test_output_of_a_sample_does_not_depend_on_the_batch():
+    block = make_block(top_k=2).eval()
+    x = images()
+    with torch.no_grad():
+        batched = block(x)
+        single = torch.cat([block(x[i : i + 1]) for i in range(len(x))])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_only_chosen_experts_run_on_only_their_samples():
+    block = make_block(top_k=1, experts=4).eval()
+    seen = [0] * 4
+    for j, expert in enumerate(block.experts):
+        expert.register_forward_hook(lambda m, inp, out, j=j: seen.__setitem__(j, seen[j] + inp[0].shape[0]))
+    with torch.no_grad():
+        block(images())
+    counts = torch.bincount(block.routing.indices.flatten(), minlength=4).tolist()
+    assert seen == counts  # an unchosen expert never runs, a chosen one sees exactly its samples
+    assert 0 in counts or sum(counts) == 8
+
+
+def test_gradients_reach_router_and_chosen_experts_only():
+    block = make_block(top_k=2, experts=6).train()
+    x = images(2)  # 4 assignments over 6 experts: at least 2 stay idle
+    block(x).square().mean().backward()
+    chosen = set(block.routing.indices.flatten().tolist())
+    assert block.router.gate[-1].weight.grad is not None and block.router.gate[-1].weight.grad.abs().sum() > 0
+    for j, expert in enumerate(block.experts):
+        grads = [p.grad for p in expert.parameters()]
+        if j in chosen:
+            assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+        else:
+            assert all(g is None for g in grads)
+    assert 1 < len(chosen) < 6
+
+
+def test_top1_gate_scales_output_so_router_learns():
+    block = make_block(top_k=1).train()
+    block(images(4)).sum().backward()
+    assert block.router.gate[-1].weight.grad.abs().sum() > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        block = make_block(top_k=1, experts=4)
+        torch.nn.init.zeros_(block.router.gate[-1].weight)  # equal logits: every image picks expert 0 ...
+        with torch.no_grad():
+            block.router.gate[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))  # ... so experts 1-3 sit idle
+        model = DistributedDataParallel(block, find_unused_parameters=False)
+        x = images(2, seed=10 + rank)  # each rank its own data
+        for _ in range(3):  # DDP reports unused parameters on the iteration after they happen
+            model.zero_grad()
+            model(x).square().mean().backward()
+        idle = set(range(4)) - set(block.routing.indices.flatten().tolist())
+        grad = block.cv1.conv.weight.grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.MAX)
+        queue.put((rank, sorted(idle), torch.equal(grad, block.cv1.conv.weight.grad)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_idle_experts_gloo_two_processes():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(_free_port(), queue), nprocs=2, start_method="spawn", join=True)
+    results = sorted(queue.get(timeout=60) for _ in range(2))
+    for rank, idle, synced in results:
+        assert idle == [1, 2, 3], f"rank {rank}: the test needs idle experts, got idle {idle}"
+        assert synced, f"rank {rank}: gradients were not all-reduced"

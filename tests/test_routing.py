@@ -1,0 +1,85 @@
+"""Routing math against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from visionmoe.nn.routing import (
+    LOGIT_CLAMP,
+    aux_loss,
+    expert_capacity,
+    expert_shares,
+    route,
+    router_z_loss,
+    switch_balance_loss,
+)
+
+
+def test_route_softmax_topk_and_renormalize():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    e = [math.exp(v) for v in (1.0, 2.0, 3.0, 0.0)]
+    probs = [v / sum(e) for v in e]
+    r = route(logits, top_k=2)
+    assert r.indices.tolist() == [[2, 1]]
+    assert torch.allclose(r.probs, torch.tensor([probs]))
+    assert torch.allclose(r.gates, torch.tensor([[probs[2], probs[1]]]))
+    r = route(logits, top_k=2, renormalize=True)
+    expected = [probs[2] / (probs[2] + probs[1]), probs[1] / (probs[2] + probs[1])]
+    assert torch.allclose(r.gates, torch.tensor([expected]))
+    assert r.probs.dtype == torch.float32
+
+
+def test_route_is_fp32_and_clamped():
+    r = route(torch.tensor([[1000.0, -1000.0]], dtype=torch.float16), top_k=1)
+    assert r.logits.dtype == torch.float32
+    assert r.logits.tolist() == [[LOGIT_CLAMP, -LOGIT_CLAMP]]
+    assert torch.isfinite(r.probs).all()
+
+
+def test_route_noise_is_seeded_and_optional():
+    logits = torch.zeros(64, 4)
+    assert torch.equal(route(logits, 1).probs, route(logits, 1).probs)
+    a = route(logits, 1, noise=1.0, generator=torch.Generator().manual_seed(0))
+    b = route(logits, 1, noise=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.indices, b.indices)
+    assert len(a.indices.unique()) > 1  # noise broke the ties
+    assert torch.equal(a.logits, logits)  # z-loss reads clean logits
+
+
+def test_switch_balance_loss_hand_values():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    # f = [0.5, 0.5], P = [0.55, 0.45] -> 2 * (0.275 + 0.225) = 1.0
+    assert switch_balance_loss(probs, torch.tensor([[0], [1]])).item() == pytest.approx(1.0)
+    # f = [1, 0] -> 2 * 0.55 = 1.1
+    assert switch_balance_loss(probs, torch.tensor([[0], [0]])).item() == pytest.approx(1.1)
+    # top-2 assignments count each slot: f = [0.5, 0.5]
+    assert switch_balance_loss(probs, torch.tensor([[0, 1], [1, 0]])).item() == pytest.approx(1.0)
+
+
+def test_switch_balance_loss_gradient_flows_through_probs_only():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]], requires_grad=True)
+    r = route(logits, 1)
+    switch_balance_loss(r.probs, r.indices).backward()
+    # all items pick expert 0, so the loss pushes expert 0's logit down and the others up
+    assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1:] < 0).all()
+
+
+def test_router_z_loss_hand_values():
+    assert router_z_loss(torch.zeros(3, 2)).item() == pytest.approx(math.log(2) ** 2)
+    logits = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    expected = (math.log(math.e + math.e**2) ** 2 + math.log(1 + math.exp(-1)) ** 2) / 2
+    assert router_z_loss(logits).item() == pytest.approx(expected)
+    assert router_z_loss(torch.zeros(2, 5, 4)).item() == pytest.approx(math.log(4) ** 2)  # token shape
+
+
+def test_aux_loss_weights():
+    r = route(torch.tensor([[0.0, 0.0], [0.0, 0.0]]), 1)
+    balance, z = switch_balance_loss(r.probs, r.indices), router_z_loss(r.logits)
+    assert aux_loss(r, 0.01, 0.001).item() == pytest.approx(0.01 * balance.item() + 0.001 * z.item())
+
+
+def test_expert_shares_and_capacity():
+    assert expert_shares(torch.tensor([[0, 1], [0, 3]]), 4).tolist() == [0.5, 0.25, 0.0, 0.25]
+    assert expert_capacity(tokens=100, num_experts=8, top_k=2, capacity_factor=1.25) == 32  # ceil(31.25)
+    assert expert_capacity(tokens=10, num_experts=1, top_k=1, capacity_factor=2.0) == 10  # never above T
