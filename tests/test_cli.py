@@ -16,7 +16,7 @@ from ultralytics.utils import ASSETS
 
 from visionmoe import VisionMoE
 
-from .conftest import OFFLINE_ENV, run_cli
+from conftest import OFFLINE_ENV, run_cli
 
 BUS = ASSETS / "bus.jpg"
 

@@ -1,0 +1,61 @@
+"""Eager PyTorch CPU latency of the YOLO-MoE: cost follows top_k, not the number of experts.
+
+Prints, measured side by side in one run (median of --runs after warmup):
+  E=16 over E=4 at k=1 (sparse: should stay near 1), k=2 over k=1 at E=8, and dense dispatch over sparse at E=8.
+
+    python benchmarks/eager_sparsity.py [--scale n] [--imgsz 640] [--batch 1] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from visionmoe.nn.tasks import build_model
+from visionmoe.utils import allowed_cpus
+
+
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="n")
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(allowed_cpus())
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, 3, args.imgsz, args.imgsz)
+
+    def model(experts: int, top_k: int, dispatch: str = "sparse") -> torch.nn.Module:
+        m = build_model(f"visionmoe-yolo-{args.scale}.yaml", verbose=False, experts=experts, top_k=top_k).eval()
+        m.fuse(verbose=False)
+        for block in m.moe_blocks():
+            block.dispatch = dispatch
+        return m
+
+    configs = {"E4 k1": (4, 1), "E16 k1": (16, 1), "E8 k1": (8, 1), "E8 k2": (8, 2), "E8 k1 dense": (8, 1, "dense")}
+    ms = {name: latency_ms(model(*cfg), x, args.runs) for name, cfg in configs.items()}
+    for name, value in ms.items():
+        print(f"{name:>12}: {value:8.1f} ms")
+    print(f"E=16 / E=4 at k=1 (sparse):   {ms['E16 k1'] / ms['E4 k1']:.3f}x")
+    print(f"k=2 / k=1 at E=8 (sparse):    {ms['E8 k2'] / ms['E8 k1']:.3f}x")
+    print(f"dense / sparse at E=8, k=1:   {ms['E8 k1 dense'] / ms['E8 k1']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
