@@ -30,6 +30,7 @@ class Router(nn.Module):
             nn.Linear(channels, e),
         ]
         self.gate = nn.Sequential(*layers)
+        self.label = "router"  # the owning block's module name, set by build_model; names it in errors
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] or [B, T, C] -> fp32 logits [B, E] or [B, T, E]."""
@@ -42,5 +43,12 @@ class Router(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """Route x; gate noise is applied in training only."""
-        return route(self.logits(x), self.top_k, self.renormalize, self.noise if self.training else 0.0)
+        """Route x; gate noise is applied in training only. Non-finite logits raise instead of yielding NaN boxes."""
+        logits = self.logits(x)
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # exported graphs stay branch-free
+        if not tracing and not torch.isfinite(logits).all():
+            raise FloatingPointError(
+                f"non-finite router logits in MoE block {self.label}: its input or gate weights hold NaN/Inf "
+                f"(lower lr0, keep amp on with fp32 routers, or check the data)"
+            )
+        return route(logits, self.top_k, self.renormalize, self.noise if self.training else 0.0)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+import cv2
 from ultralytics.cfg import DEFAULT_CFG
-from ultralytics.data.utils import check_det_dataset
+from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ...analysis.utilisation import UtilisationTracker
-from ...nn.settings import MoESettings, pop_moe_overrides
-from ...nn.tasks import MoEModel, build_model
+from ...nn.settings import check_keys, pop_moe_overrides
+from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...utils import use_allowed_cpus
 
 UTILISATION_CSV = "expert_utilisation.csv"
@@ -29,14 +32,32 @@ class MoEDetectionTrainer(DetectionTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks=None):
         overrides = dict(overrides or {})
         self.moe_overrides = pop_moe_overrides(overrides)
-        MoESettings().replace(**self.moe_overrides)  # fail before any run folder exists
+        model = overrides.get("model")
+        if isinstance(model, (str, Path)) and str(model).endswith((".yaml", ".yml")):
+            load_model_yaml(model, **self.moe_overrides)  # impossible settings fail before any run folder exists
+        else:
+            check_keys(self.moe_overrides, "MoE settings")
         if isinstance(overrides.get("data"), str) and not overrides.get("resume"):
-            check_det_dataset(overrides["data"])  # a missing dataset fails before any run folder exists
+            check_usable_images(check_det_dataset(overrides["data"]))  # fail before any run folder exists
         super().__init__(cfg, overrides, _callbacks)
         use_allowed_cpus(self.device)
         self.utilisation = UtilisationTracker()
         self.add_callback("on_train_batch_end", _track_utilisation)
         self.add_callback("on_train_epoch_end", _write_utilisation)
+
+    def save_model(self) -> bool:
+        """Ultralytics' checkpoint save, made atomic: files are written under temporary names and renamed over the
+        old ones, so an interrupt (Ctrl-C, SIGKILL, pre-emption) mid-write never leaves a truncated last.pt/best.pt."""
+        final = (self.last, self.best)
+        self.last, self.best = (path.with_name(f".{path.name}.partial") for path in final)
+        try:
+            saved = super().save_model()
+        finally:
+            partial, (self.last, self.best) = (self.last, self.best), final
+        for tmp, path in zip(partial, final):
+            if tmp.exists():
+                os.replace(tmp, path)  # atomic on POSIX and Windows
+        return saved
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> MoEModel:
         """Build the MoE model for this dataset's classes, optionally loading weights."""
@@ -47,6 +68,30 @@ class MoEDetectionTrainer(DetectionTrainer):
         if weights:
             model.load(weights)
         return model
+
+
+def check_usable_images(data: dict[str, Any]) -> None:
+    """Raise a one-line error when a split has no decodable image (Ultralytics would stop later, mid-setup).
+
+    Single unreadable images or bad labels are left to Ultralytics, which skips and counts them with a warning.
+    """
+    for split in ("train", "val"):
+        folders = data[split] if isinstance(data[split], list) else [data[split]]
+        files = [f for folder in folders for f in _image_files(Path(folder))]
+        if not any(cv2.haveImageReader(str(f)) for f in files):
+            raise ValueError(
+                f"no usable image in the '{split}' split of {data.get('yaml_file', 'the dataset')} "
+                f"({len(files)} image files, none readable): check the images under {', '.join(map(str, folders))}"
+            )
+
+
+def _image_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(f for f in path.rglob("*.*") if f.suffix[1:].lower() in IMG_FORMATS)
+    if path.suffix == ".txt":  # a list of image paths, relative to the list's folder
+        lines = (line.strip() for line in path.read_text().splitlines())
+        return [path.parent / line if not Path(line).is_absolute() else Path(line) for line in lines if line]
+    return [path]
 
 
 def _track_utilisation(trainer: MoEDetectionTrainer) -> None:
