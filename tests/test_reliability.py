@@ -29,7 +29,7 @@ def test_sigkill_after_first_epoch_then_resume(tmp_path, coco8):
     run = tmp_path / "train"
     exe = Path(sys.executable).with_name("visionmoe")
     proc = subprocess.Popen(
-        [str(exe), "train", *TRAIN, "epochs=4", f"project={tmp_path}", "name=train"],
+        [str(exe), "train", *TRAIN, "epochs=4", "noise=0.5", f"project={tmp_path}", "name=train"],
         env={**os.environ, **OFFLINE_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -46,11 +46,16 @@ def test_sigkill_after_first_epoch_then_resume(tmp_path, coco8):
     assert r.returncode == 0, r.stderr[-3000:]
     assert [int(row["epoch"]) for row in results(run)] == [1, 2, 3, 4]
     assert len(VisionMoE(run / "weights" / "best.pt").predict(str(coco8 / "images" / "val"), imgsz=64)) == 4
+    # the router noise sequence went on from the checkpoint: one step per training batch (4 images, batch 4)
+    steps = {int(b.router.noise_step) for b in VisionMoE(run / "weights" / "last.pt").model.moe_blocks()}
+    assert steps == {4}
 
 
 def test_same_seed_deterministic_runs_match(tmp_path, coco8):
     for name in ("a", "b"):
-        r = run_cli("train", *TRAIN, "epochs=2", "deterministic=True", f"project={tmp_path}", f"name={name}")
+        r = run_cli(
+            "train", *TRAIN, "epochs=2", "deterministic=True", "noise=0.5", f"project={tmp_path}", f"name={name}"
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = results(tmp_path / "a"), results(tmp_path / "b")
     skip = {"time"}  # wall-clock seconds

@@ -31,6 +31,16 @@ class Router(nn.Module):
         ]
         self.gate = nn.Sequential(*layers)
         self.label = "router"  # the owning block's module name, set by build_model; names it in errors
+        # Gate noise comes from a generator seeded by (noise_seed, noise_step). The step is a checkpointed buffer,
+        # so a resumed run continues the noise sequence where the interrupted one stopped.
+        self.noise_seed = 0
+        self.register_buffer("noise_step", torch.zeros((), dtype=torch.long))
+
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        """Generator for this step's gate noise; advances the step."""
+        step = int(self.noise_step)
+        self.noise_step += 1
+        return torch.Generator(device).manual_seed(self.noise_seed * 1_000_003 + step)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] or [B, T, C] -> fp32 logits [B, E] or [B, T, E]."""
@@ -51,4 +61,6 @@ class Router(nn.Module):
                 f"non-finite router logits in MoE block {self.label}: its input or gate weights hold NaN/Inf "
                 f"(lower lr0, keep amp on with fp32 routers, or check the data)"
             )
-        return route(logits, self.top_k, self.renormalize, self.noise if self.training else 0.0)
+        noise = self.noise if self.training else 0.0
+        generator = self.noise_generator(logits.device) if noise > 0 else None
+        return route(logits, self.top_k, self.renormalize, noise, generator)

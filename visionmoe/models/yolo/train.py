@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from copy import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ...analysis.report import write_analysis
 from ...analysis.utilisation import UtilisationTracker
+from ...analysis.validator import RoutingValidator
 from ...nn.settings import check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...utils import use_allowed_cpus
@@ -26,7 +29,8 @@ class MoEDetectionTrainer(DetectionTrainer):
 
     Accepts MoE settings (experts=8, top_k=2, ...) beside the Ultralytics arguments; they apply when the model is
     built from a YAML. The 'moe' loss column comes from MoEDetectionModel.loss; per-epoch expert shares go to
-    `expert_utilisation.csv` in the run folder.
+    `expert_utilisation.csv` in the run folder. Validation records routing, and at the end of training the final
+    validation's utilisation and NMI summary goes to analysis.json and analysis.md in the run folder.
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks=None):
@@ -40,14 +44,31 @@ class MoEDetectionTrainer(DetectionTrainer):
         if isinstance(overrides.get("data"), str) and not overrides.get("resume"):
             check_usable_images(check_det_dataset(overrides["data"]))  # fail before any run folder exists
         super().__init__(cfg, overrides, _callbacks)
+        if self.moe_overrides and isinstance(self.model, (str, Path)) and not self.resume:
+            # Build now: DDP workers receive this module, while a YAML path would be rebuilt without the overrides.
+            self.model = self.get_model(cfg=self.model, verbose=RANK == -1)
         use_allowed_cpus(self.device)
         self.utilisation = UtilisationTracker()
+        self.add_callback("on_pretrain_routine_end", _seed_router_noise)
         self.add_callback("on_train_batch_end", _track_utilisation)
         self.add_callback("on_train_epoch_end", _write_utilisation)
+        self.add_callback("on_train_end", _write_routing_summary)
+
+    def get_validator(self) -> RoutingValidator:
+        """DetectionValidator that also records routing; no example images, since training writes no routing maps."""
+        return RoutingValidator(
+            self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks, examples=0
+        )
 
     def save_model(self) -> bool:
         """Ultralytics' checkpoint save, made atomic: files are written under temporary names and renamed over the
         old ones, so an interrupt (Ctrl-C, SIGKILL, pre-emption) mid-write never leaves a truncated last.pt/best.pt."""
+        # EMA averages float tensors only; integer state (router noise steps) must match the live model, since
+        # checkpoints and resumes are built from the EMA.
+        ema_buffers = dict(self.ema.ema.named_buffers())
+        for name, buffer in unwrap_model(self.model).named_buffers():
+            if not buffer.is_floating_point():
+                ema_buffers[name].copy_(buffer)
         final = (self.last, self.best)
         self.last, self.best = (path.with_name(f".{path.name}.partial") for path in final)
         try:
@@ -94,6 +115,11 @@ def _image_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _seed_router_noise(trainer: MoEDetectionTrainer) -> None:
+    for i, block in enumerate(unwrap_model(trainer.model).moe_blocks()):
+        block.router.noise_seed = (trainer.args.seed + 1) * 10_007 + i  # distinct noise per block, fixed by seed
+
+
 def _track_utilisation(trainer: MoEDetectionTrainer) -> None:
     trainer.utilisation.update(unwrap_model(trainer.model).named_moe_blocks())
 
@@ -101,3 +127,10 @@ def _track_utilisation(trainer: MoEDetectionTrainer) -> None:
 def _write_utilisation(trainer: MoEDetectionTrainer) -> None:
     if RANK in {-1, 0}:
         trainer.utilisation.write(trainer.save_dir / UTILISATION_CSV, trainer.epoch + 1)
+
+
+def _write_routing_summary(trainer: MoEDetectionTrainer) -> None:
+    """Summarise the routing of the last validation (the final one on best.pt) in the run folder; no figures."""
+    routing = getattr(trainer.validator, "routing", None) if RANK in {-1, 0} else None
+    if routing is not None and routing.layers:
+        write_analysis(routing, trainer.save_dir, {"model": str(trainer.best), "data": str(trainer.args.data)}, False)
