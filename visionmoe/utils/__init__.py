@@ -18,9 +18,10 @@ def packaged_dir(name: str) -> Path:
 
 
 def allowed_cpus() -> int:
-    """CPU cores this process may use: OMP_NUM_THREADS if set, else the scheduler's affinity mask."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    """CPU cores this process may use, from the scheduler's affinity mask (taskset, cgroup cpusets).
+
+    OMP_NUM_THREADS says nothing here: importing Ultralytics sets it to 1 whenever it is unset.
+    """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
