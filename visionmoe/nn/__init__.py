@@ -1,22 +1,29 @@
 """Sparse MoE building blocks: settings, routing math, dispatch, router, experts, blocks and models."""
 
-from .blocks import MOE_BLOCKS, MoEBlock, MoEC3k2
+from .blocks import MOE_BLOCKS, MoEBlock, MoEC2PSA, MoEC3k2, MoEMlp
 from .dispatch import dense_mixture, sparse_mixture
-from .experts import BottleneckStack
+from .experts import BottleneckStack, MlpExperts
 from .router import Router
 from .routing import Routing, route
 from .settings import MoESettings
-from .tasks import MoEDetectionModel, load_model_yaml
+from .tasks import MoEDetectionModel, MoEViTDetectionModel, build_model, load_model_yaml
+from .vit import Attention, Mlp, PatchEmbed, SimpleFeaturePyramid, ViT, ViTBlock
 
 __all__ = (
     "MOE_BLOCKS",
     "BottleneckStack",
+    "MlpExperts",
     "MoEBlock",
+    "MoEC2PSA",
     "MoEC3k2",
     "MoEDetectionModel",
+    "MoEMlp",
+    "MoEViTDetectionModel",
     "MoESettings",
     "Router",
     "Routing",
+    "ViT",
+    "build_model",
     "dense_mixture",
     "load_model_yaml",
     "route",
@@ -32,6 +39,10 @@ def _allow_safe_loading() -> None:
     import torch
 
     torch.serialization.add_safe_globals([MoEDetectionModel, MoEC3k2, Router, BottleneckStack])
+    torch.serialization.add_safe_globals(
+        [MoEViTDetectionModel, ViT, PatchEmbed, Attention, Mlp, ViTBlock, SimpleFeaturePyramid]
+        + [MoEMlp, MlpExperts, MoEC2PSA]
+    )
 
 
 _allow_safe_loading()

@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 from copy import deepcopy
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
-from ultralytics.nn.modules import C3k2
+from ultralytics.nn.modules import C2PSA, C3k2
 
-from .dispatch import dense_mixture, sparse_mixture
-from .experts import BottleneckStack, reinitialize
+from .dispatch import (
+    combine_tokens,
+    dense_mixture,
+    dispatch_tokens,
+    sparse_mixture,
+    static_mixture,
+    token_dense_mixture,
+)
+from .experts import BottleneckStack, MlpExperts, reinitialize
 from .router import Router
-from .routing import Routing
+from .routing import Routing, expert_capacity, token_slots
 from .settings import MoESettings
+from .static import StaticExperts, StaticExportError
 
-Dispatch = Literal["sparse", "dense"]
+Dispatch = Literal["sparse", "dense", "static"]
 
 
 class MoEBlock(nn.Module):
     """Base of all MoE blocks: holds the router, the experts and the last routing decision.
 
-    `dispatch` picks how the experts run: 'sparse' (only chosen experts compute, the default) or 'dense'
-    (the reference: every expert runs and unchosen ones are weighted 0).
+    `dispatch` picks how the experts run: 'sparse' (only chosen experts compute, the default), 'dense'
+    (the reference: every expert runs and unchosen ones are weighted 0) or 'static' (the export form: only chosen
+    experts compute, as branch-free static-shape tensor code; set it with `set_dispatch`, which builds that form).
+    Routing is the same in all three. Export calls `set_dispatch("static")` on every block: a family whose forward
+    is already static (e.g. fixed-capacity token routing) overrides `static_experts_form` to return None; one
+    without a static form keeps the default, which raises StaticExportError, and export refuses the model.
     """
 
     dense: type[nn.Module]  # the Ultralytics block this one replaces, as built by the stock parser
@@ -40,7 +52,24 @@ class MoEBlock(nn.Module):
         """Parameters of one routed expert (all experts of a block have the same shape)."""
         return sum(p.numel() for p in self.experts[0].parameters())
 
+    def set_dispatch(self, dispatch: Dispatch) -> MoEBlock:
+        """Choose how the experts run; 'static' snapshots them into their export form (inference only)."""
+        if dispatch not in get_args(Dispatch):
+            raise ValueError(f"unknown dispatch '{dispatch}', use one of {list(get_args(Dispatch))}")
+        self.static_experts = self.static_experts_form() if dispatch == "static" else None
+        self.dispatch = dispatch
+        return self
+
+    def static_experts_form(self) -> nn.Module | None:
+        """Export form of the experts, one module (x [N, ...], index [N]) -> [N, ...out] for `static_mixture`.
+
+        None means the block's own forward is already static and needs no separate form.
+        """
+        raise StaticExportError(f"{type(self).__name__} has no static dispatch, so it cannot export sparsely")
+
     def mixture(self, x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch.Tensor:
+        if self.dispatch == "static":
+            return static_mixture(x, self.static_experts, routing.indices, routing.gates)
         mix = sparse_mixture if self.dispatch == "sparse" else dense_mixture
         return mix(x, experts, routing.indices, routing.gates)
 
@@ -75,8 +104,17 @@ class MoEC3k2(MoEBlock):
         shared = expert() if settings.shared_expert else None
         return cls(block.cv1, block.cv2, experts, Router(block.c, settings), shared)
 
+    def static_experts_form(self) -> StaticExperts:
+        """Experts with stacked, BN-folded conv weights, run as one grouped conv per layer."""
+        return StaticExperts(self.experts)
+
+    @property
+    def c(self) -> int:
+        """Hidden channels: each half of cv1's output."""
+        return self.cv1.conv.out_channels // 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.cv1(x).chunk(2, 1)
+        a, b = self.cv1(x).split((self.c, self.c), 1)  # constant sizes keep traced graphs static, as C2f.forward_split
         self.routing = self.router(b)
         h = self.mixture(b, self.experts, self.routing)
         if self.shared is not None:
@@ -84,4 +122,84 @@ class MoEC3k2(MoEBlock):
         return self.cv2(torch.cat((a, b, h), 1))
 
 
-MOE_BLOCKS: dict[str, type[MoEBlock]] = {"MoEC3k2": MoEC3k2}
+class MoEMlp(MoEBlock):
+    """Token-routed MoE MLP (V-MoE): each token runs its top-k of E expert MLPs, within a per-image capacity.
+
+    x [B, T, D] tokens, or a map [B, D, H, W] whose H*W positions are the tokens -> the same shape. Each expert takes
+    at most C = ceil(k*T*cf/E) tokens per image (cf = capacity_factor[0] in training, [1] in eval); assignments past
+    that are dropped and add 0, so the residual around the block carries the token on. Routing stays within an
+    image, so no output depends on the rest of the batch. `kept` is the last forward's [B, T, k] mask of
+    assignments that got a slot.
+    """
+
+    def __init__(self, dim: int, hidden: int, settings: MoESettings, act: type[nn.Module] = nn.GELU):
+        super().__init__()
+        if settings.capacity_factor is None:
+            raise ValueError("token-routed MoE layers need capacity_factor=[train, eval] in the MoE settings")
+        self.router = Router(dim, settings)
+        self.experts = MlpExperts(settings.experts, dim, hidden, act)
+        self.shared = MlpExperts(1, dim, hidden, act) if settings.shared_expert else None
+        self.capacity_factor = settings.capacity_factor
+        self.bpr = settings.bpr
+        self.kept: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "kept": None}  # scratch state, like `routing`
+
+    @property
+    def dropped(self) -> float | None:
+        """Fraction of the last forward's top-k assignments that found their expert full."""
+        return None if self.kept is None else 1.0 - self.kept.float().mean().item()
+
+    def params_per_expert(self) -> int:
+        return self.experts.params_per_expert()
+
+    def static_experts_form(self) -> MlpExperts:
+        """The sparse token path is already branch-free with static shapes, so it is its own export form."""
+        return self.experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.dim() == 4
+        if spatial:
+            b, d, h, w = x.shape
+            x = x.flatten(2).transpose(1, 2)
+        self.routing = routing = self.router(x)
+        num_experts, tokens = self.experts.num_experts, x.shape[1]
+        cf_train, cf_eval = self.capacity_factor
+        capacity = expert_capacity(tokens, num_experts, self.router.top_k, cf_train if self.training else cf_eval)
+        slots, self.kept = token_slots(routing.indices, routing.gates, num_experts, capacity, self.bpr)
+        if self.dispatch == "dense":
+            y = token_dense_mixture(x, self.experts, routing.indices, routing.gates * self.kept)
+        else:  # 'sparse' and 'static' alike
+            buffers = dispatch_tokens(x, routing.indices, slots, self.kept, num_experts, capacity)
+            y = combine_tokens(self.experts(buffers), routing.indices, slots, self.kept, routing.gates)
+        if self.shared is not None:
+            y = y + self.shared(x.unsqueeze(1)).squeeze(1)
+        return y.transpose(1, 2).reshape(b, d, h, w) if spatial else y
+
+
+class MoEC2PSA(nn.Module):
+    """C2PSA whose PSABlock feed-forward layers are token-routed MoE MLPs, one router per PSABlock.
+
+    x [B, c1, H, W] -> cv1 -> split (a, b); b -> PSABlocks (attention, then an MoEMlp over b's H*W tokens);
+    cv2(cat(a, b)) -> [B, c1, H, W]. Experts are SiLU MLPs c -> 2c -> c, the shape of PSABlock's dense FFN.
+    """
+
+    dense = C2PSA
+    forward = C2PSA.forward  # same data flow as the dense block; only the PSABlocks' FFNs differ
+
+    def __init__(self, c: int, cv1: nn.Module, cv2: nn.Module, m: nn.Sequential):
+        super().__init__()
+        self.c, self.cv1, self.cv2, self.m = c, cv1, cv2, m
+
+    @classmethod
+    def from_dense(cls, block: C2PSA, settings: MoESettings) -> MoEC2PSA:
+        """Build from a dense C2PSA, taking over its convs and PSABlocks and giving each PSABlock an MoE FFN."""
+        for psa in block.m:
+            psa.ffn = MoEMlp(block.c, 2 * block.c, settings, act=nn.SiLU)
+        return cls(block.c, block.cv1, block.cv2, block.m)
+
+
+# YAML names of MoE layers; each has `dense` (the block the stock parser builds for the row) and `from_dense`.
+MOE_BLOCKS: dict[str, type[nn.Module]] = {"MoEC3k2": MoEC3k2, "MoEC2PSA": MoEC2PSA}
+TOKEN_ROUTED = frozenset({"MoEC2PSA"})  # the rows that route tokens, and so read capacity_factor and bpr

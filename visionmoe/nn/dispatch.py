@@ -1,7 +1,8 @@
 """Dispatch and combine for per-item routing, as explicit functions.
 
 `sparse_mixture` runs each expert only on the items that chose it; `dense_mixture` is its reference, which runs
-every expert on every item and weights by the gates (tests compare the two; export can emit it on request).
+every expert on every item and weights by the gates (tests compare the two; export can emit it on request);
+`static_mixture` is the export form of the sparse one: only chosen experts compute, with static shapes and no branches.
 """
 
 from __future__ import annotations
@@ -61,3 +62,96 @@ def dense_mixture(
     weights = torch.zeros(indices.shape[0], len(experts), dtype=gates.dtype, device=gates.device)
     weights = weights.scatter(1, indices, gates)
     return (ys * _expand_gates(weights, ys)).sum(1)
+
+
+def static_mixture(x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Export form of `sparse_mixture`: branch-free, static shapes, only the chosen experts compute.
+
+    Args:
+        x: [N, ...] items (images).
+        experts: module mapping (x [M, ...], index [M]) to [M, ...out], row m through expert index[m]
+            (e.g. `StaticExperts`).
+        indices: [N, k] chosen experts per item.
+        gates: [N, k] their weights.
+
+    Returns:
+        [N, ...out]; each slot's outputs line up with the items, so they combine by a weighted sum, with no scatter.
+    """
+    n, k = indices.shape
+    xk = torch.cat([x] * k)  # [k*N, ...] slot-major; a Concat, since traced expand() leaves runtime shape ops
+    y = experts(xk, indices.t().flatten()).unflatten(0, (k, n))  # [k, N, ...out]
+    return (y * _expand_gates(gates.t(), y)).sum(0)
+
+
+# Token routing. Experts are one module over stacked weights mapping [B, E, N, D] -> [B, E, N, D'], expert e on
+# slice [:, e], and broadcasting [B, 1, N, D] to all experts (e.g. `MlpExperts`). Dispatch and combine below are
+# branch-free with static shapes, so the same code runs eagerly and exports. They use `expand_as`, never `expand`
+# with explicit sizes, which the legacy ONNX exporter leaves as shapes unknown until runtime. The per-token reference
+# runs every expert on every token.
+
+
+def dispatch_tokens(
+    x: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """Scatter each image's tokens into fixed-capacity expert buffers.
+
+    Args:
+        x: [B, T, D] tokens.
+        indices: [B, T, k] chosen experts.
+        slots, kept: [B, T, k] buffer positions and whether they fit (see `routing.token_slots`).
+        num_experts: E.
+        capacity: C.
+
+    Returns:
+        [B, E, C, D]; unfilled slots are zero. Dropped assignments all go to one spare row that is cut off, so
+        the scatter is plain (no reduction) and no kept token is ever overwritten.
+    """
+    b, t, d = x.shape
+    k = indices.shape[-1]
+    spare = num_experts * capacity
+    src = x[:, torch.arange(t * k, device=x.device) // k]  # [B, T*k, D]: each token once per choice, token-major
+    rows = torch.where(kept, indices * capacity + slots, spare).reshape(b, t * k, 1).expand_as(src)
+    buffer = x.new_zeros(b, spare + 1, d).scatter(1, rows, src)
+    return buffer[:, :spare].view(b, num_experts, capacity, d)
+
+
+def combine_tokens(
+    y: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor, gates: torch.Tensor
+) -> torch.Tensor:
+    """Gather each token's expert outputs back from the buffers and weight them by their gates.
+
+    Args:
+        y: [B, E, C, D'] expert outputs per buffer slot.
+        indices, slots, kept: [B, T, k] as for `dispatch_tokens`.
+        gates: [B, T, k] gates of the chosen experts.
+
+    Returns:
+        [B, T, D'] = sum over kept choices j of gates[t, j] * y[indices[t, j], slots[t, j]]; 0 for a token whose
+        every choice was dropped (the block's residual passes it on).
+    """
+    b, e, c, d = y.shape
+    t, k = indices.shape[1:]
+    rows = torch.where(kept, indices * c + slots, 0).reshape(b, t * k)  # dropped ones read row 0, weighted 0
+    rows = rows + torch.arange(b, device=y.device).unsqueeze(1) * (e * c)  # rows of the batch-flattened buffers
+    picked = y.reshape(b * e * c, d)[rows].view(b, t, k, d)
+    return (picked * (gates * kept).to(y.dtype).unsqueeze(-1)).sum(2)
+
+
+def token_dense_mixture(
+    x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, gates: torch.Tensor
+) -> torch.Tensor:
+    """Per-token reference for dispatch + combine: every expert runs on every token.
+
+    Args:
+        x: [B, T, D] tokens.
+        experts: stacked experts with `num_experts` (E).
+        indices: [B, T, k] chosen experts.
+        gates: [B, T, k] their weights; pass `gates * kept` to drop the assignments the sparse path drops.
+
+    Returns:
+        [B, T, D'] with out[b, t] = sum_j gates[b, t, j] * expert_{indices[b, t, j]}(x[b, t]).
+    """
+    b, t = indices.shape[:2]
+    ys = experts(x.unsqueeze(1))  # [B, E, T, D'], every token broadcast to every expert
+    weights = gates.new_zeros(b, t, experts.num_experts).scatter(2, indices, gates)  # [B, T, E]
+    return torch.einsum("bte,betd->btd", weights.to(ys.dtype), ys)

@@ -32,3 +32,34 @@ def reinitialize(module: nn.Module) -> nn.Module:
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     return module
+
+
+class MlpExperts(nn.Module):
+    """E two-layer MLP experts (fc1-act-fc2) with stacked weights, run on all experts' token buffers at once.
+
+    x [B, E, N, D] -> [B, E, N, D], expert e on x[:, e] (x [B, 1, N, D] runs every expert on the same tokens), as two
+    batched matmuls over [E, D, H] and [E, H, D] weights. Initialised like E independent nn.Linear pairs.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, act: type[nn.Module] = nn.GELU):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.act = act()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = w.shape[1] ** -0.5  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def params_per_expert(self) -> int:
+        return sum(p[0].numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(x @ self.w1 + self.b1.unsqueeze(1))
+        return h @ self.w2 + self.b2.unsqueeze(1)

@@ -43,7 +43,8 @@ def route(
     Args:
         logits: [..., E] router outputs.
         top_k: Experts to choose per item.
-        renormalize: Divide the chosen gates by their sum, so they add up to 1.
+        renormalize: Divide the chosen gates by their sum, so they add up to 1 (at k=1: a gate of value 1 whose
+            gradient is that of log p).
         noise: Std of Gaussian noise added to the logits before the softmax (pass 0 outside training).
         generator: RNG for the noise, so that it can be seeded and checkpointed.
     """
@@ -54,7 +55,9 @@ def route(
     probs = noisy.softmax(-1)
     gates, indices = probs.topk(top_k, dim=-1)
     if renormalize:
-        gates = gates / gates.sum(-1, keepdim=True)
+        # At k=1, p / p is 1 with a zero gradient: the task loss would never reach the router. Dividing by the
+        # detached gate keeps the value 1 (what upcycling needs) and passes the gradient of log p to the router.
+        gates = gates / (gates.sum(-1, keepdim=True) if top_k > 1 else gates.detach())
     return Routing(logits, probs, gates, indices)
 
 
@@ -96,3 +99,45 @@ def aux_loss(routing: Routing, balance_weight: float, z_weight: float) -> torch.
 def expert_capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Slots per expert for one image's tokens: `C = ceil(k * T * cf / E)`, at most T."""
     return min(tokens, math.ceil(top_k * tokens * capacity_factor / num_experts))
+
+
+def token_slots(
+    indices: torch.Tensor, gates: torch.Tensor, num_experts: int, capacity: int, bpr: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place each image's (token, choice) assignments into their experts' fixed-capacity buffers.
+
+    Within an image, all first choices queue before any second choice (so a token's top expert outranks another
+    token's runner-up); within one choice rank tokens queue in raster order, or by descending top gate with `bpr`
+    (Batch Prioritized Routing, ties in raster order). An assignment whose position in its expert's queue is
+    >= capacity is dropped. Branch-free with static shapes and no sort op (the legacy ONNX exporter cannot export
+    a stable sort): BPR ranks tokens by pairwise comparison, then one compare and one cumsum give the slots.
+    Expands go through `expand_as`, whose target shape folds to a constant in the exported graph.
+
+    Args:
+        indices: [B, T, k] chosen experts per token.
+        gates: [B, T, k] their gates, highest first (only read with `bpr`).
+        num_experts: E.
+        capacity: Slots per expert and image, C (see `expert_capacity`).
+        bpr: Order tokens by their top gate instead of by position.
+
+    Returns:
+        slots: [B, T, k] int64 position of each assignment in its expert's buffer (valid where kept).
+        kept: [B, T, k] bool, slots < capacity.
+    """
+    b, t, k = indices.shape
+    if bpr:
+        g = gates[..., 0]
+        position = torch.arange(t, device=g.device)
+        ahead = (g.unsqueeze(1) > g.unsqueeze(2)) | (  # [B, T, T]: token s (last dim) queues before token t
+            (g.unsqueeze(1) == g.unsqueeze(2)) & (position < position.unsqueeze(1))
+        )
+        rank = ahead.sum(-1)  # [B, T] each token's place in the queue, a permutation of 0..T-1
+        order = torch.empty_like(rank).scatter(1, rank, position.expand_as(rank))  # token at each place
+        indices = indices.gather(1, order.unsqueeze(-1).expand_as(indices))
+    queue = indices.transpose(1, 2).reshape(b, k * t)  # choice-major: every first choice, then every second...
+    onehot = (queue.unsqueeze(-1) == torch.arange(num_experts, device=indices.device)).long()  # [B, k*T, E]
+    slots = (onehot.cumsum(1) * onehot).sum(-1) - 1  # rank of each assignment among its expert's assignments
+    slots = slots.view(b, k, t).transpose(1, 2)  # [B, T, k] in queue order
+    if bpr:  # back to raster order
+        slots = slots.gather(1, rank.unsqueeze(-1).expand_as(slots))
+    return slots, slots < capacity

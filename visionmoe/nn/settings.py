@@ -7,6 +7,7 @@ from difflib import get_close_matches
 from typing import Any
 
 ROUTERS = ("linear", "mlp")
+DEFAULT_CAPACITY_FACTOR = (1.25, 2.0)  # (train, eval) for token-routed layers whose model sets none (V-MoE style)
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class MoESettings:
         renormalize: Rescale the k chosen gates to sum to 1 (Mixtral style); off keeps Switch-style gates.
         noise: Std of Gaussian noise added to router logits in training only (V-MoE uses 1/E); 0 disables it.
         capacity_factor: (train, eval) capacity factors of token-routed layers, C = ceil(k*T*cf/E).
+        bpr: Batch Prioritized Routing in token-routed layers: tokens with the highest top gate claim expert
+            capacity first, so tight capacity drops low-priority tokens instead of the last ones in raster order.
         balance_loss: Weight alpha of the Switch load-balance loss.
         z_loss: Weight beta of the ST-MoE router z-loss.
     """
@@ -34,6 +37,7 @@ class MoESettings:
     capacity_factor: tuple[float, float] | None = None
     balance_loss: float = 0.01
     z_loss: float = 0.001
+    bpr: bool = False
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -45,7 +49,7 @@ class MoESettings:
             fail(f"top_k={self.top_k!r} with experts={self.experts}, use 1 <= top_k <= experts")
         if self.router not in ROUTERS:
             fail(f"router={self.router!r}, use one of {list(ROUTERS)}")
-        for name in ("shared_expert", "renormalize"):
+        for name in ("shared_expert", "renormalize", "bpr"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name}={getattr(self, name)!r}, use True or False")
         for name in ("noise", "balance_loss", "z_loss"):

@@ -1,8 +1,9 @@
-"""Model YAMLs and the MoE detection model built from them.
+"""Model YAMLs and the MoE detection models built from them.
 
-A visionmoe YAML is an Ultralytics model YAML plus a `moe:` section, with MoE block names (e.g. MoEC3k2) in
+A YOLO-family YAML is an Ultralytics model YAML plus a `moe:` section, with MoE block names (e.g. MoEC3k2) in
 some rows. The stock parser builds each MoE row as its dense counterpart (MoEC3k2 -> C3k2); those layers are then
 replaced by MoE blocks made from the dense layers' shapes, so Ultralytics' parser is used, not copied.
+A ViT-family YAML (one with a `vit:` section) describes a ViT detector by scale rows instead of layer rows.
 """
 
 from __future__ import annotations
@@ -14,19 +15,25 @@ from typing import Any
 
 import torch
 import ultralytics.nn.tasks as ultralytics_tasks
-from ultralytics.nn.tasks import DetectionModel
+from torch import nn
+from ultralytics.nn.modules import Detect
+from ultralytics.nn.tasks import BaseModel, DetectionModel
 from ultralytics.utils import LOGGER, YAML
+from ultralytics.utils.torch_utils import initialize_weights
 
 from ..utils import packaged_dir
 from ..utils.flops import active_gflops
-from .blocks import MOE_BLOCKS, MoEBlock
+from .blocks import MOE_BLOCKS, TOKEN_ROUTED, MoEBlock
 from .routing import aux_loss
-from .settings import MoESettings
+from .settings import DEFAULT_CAPACITY_FACTOR, MoESettings
+from .vit import SimpleFeaturePyramid, ViT, moe_block_indices
 
 MODEL_KEYS = frozenset(
     {"nc", "scales", "scale", "moe", "backbone", "head", "activation", "depth_multiple", "width_multiple",
      "channels", "yaml_file", "reg_max", "end2end", "inplace", "kpt_shape"}
 )  # fmt: skip
+VIT_MODEL_KEYS = frozenset({"nc", "scales", "scale", "moe", "vit", "yaml_file", "channels"})
+VIT_DEFAULTS = {"mlp_ratio": 4.0, "moe_every": 2, "moe_last": 0.5}  # V-MoE 'Every-2' over the last half
 
 
 def models_dir() -> Path:
@@ -80,6 +87,59 @@ def _check_layers(d: dict[str, Any], source: str) -> None:
         )
 
 
+def _check_vit(d: dict[str, Any], source: str) -> None:
+    """Validate a ViT-family YAML and fill in the defaults of its `vit` section."""
+
+    def fail(problem: str) -> None:
+        raise ValueError(f"invalid model YAML {source}: {problem}")
+
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not positive_int(d.get("nc")):
+        fail(f"'nc' must be a positive integer, got {d.get('nc')!r}")
+    scales = d.get("scales")
+    if not isinstance(scales, dict) or not scales:
+        fail("'scales' must map scale names to [depth, dim, heads, neck]")
+    for name, row in scales.items():
+        if not (isinstance(row, list) and len(row) == 4 and all(positive_int(v) for v in row)):
+            fail(f"scale '{name}' must be [depth, dim, heads, neck] positive integers, got {row}")
+        if row[1] % row[2] or row[1] % 4:
+            fail(f"scale '{name}': dim {row[1]} must be divisible by heads {row[2]} and by 4 (2-D sincos positions)")
+    vit = d["vit"] or {}
+    if not isinstance(vit, dict):
+        fail(f"'vit' must be a mapping with keys {list(VIT_DEFAULTS)}")
+    unknown = sorted(set(vit) - set(VIT_DEFAULTS))
+    if unknown:
+        fail(f"unknown keys {unknown} in 'vit'; valid keys are {list(VIT_DEFAULTS)}")
+    vit = {**VIT_DEFAULTS, **vit}
+    if not (number(vit["mlp_ratio"]) and vit["mlp_ratio"] > 0):
+        fail(f"vit mlp_ratio={vit['mlp_ratio']!r}, use a number > 0")
+    if not positive_int(vit["moe_every"]):
+        fail(f"vit moe_every={vit['moe_every']!r}, use an integer >= 1")
+    if not (number(vit["moe_last"]) and 0 < vit["moe_last"] <= 1):
+        fail(f"vit moe_last={vit['moe_last']!r}, use the fraction of blocks (0 < moe_last <= 1) that may hold MoE")
+    d["vit"] = vit
+
+
+def _fit_capacity_settings(settings: MoESettings, routes_tokens: bool, source: str) -> MoESettings:
+    """Token-routed models get the default capacity factors if they set none; per-image ones refuse token settings."""
+    if routes_tokens:
+        if settings.capacity_factor is None:
+            settings = settings.replace(capacity_factor=DEFAULT_CAPACITY_FACTOR)
+        return settings
+    ignored = [name for name in ("capacity_factor", "bpr") if getattr(settings, name) not in (None, False)]
+    if ignored:
+        raise ValueError(
+            f"{' and '.join(ignored)} apply to token-routed MoE layers ({', '.join(sorted(TOKEN_ROUTED))} or ViT "
+            f"models), but {source} routes per image and would ignore them; remove them"
+        )
+    return settings
+
+
 def load_model_yaml(cfg: str | Path | dict[str, Any], **moe_overrides: Any) -> dict[str, Any]:
     """Load and validate a visionmoe model YAML (or dict), apply MoE overrides, and fill in the `moe` section."""
     if isinstance(cfg, dict):
@@ -94,15 +154,22 @@ def load_model_yaml(cfg: str | Path | dict[str, Any], **moe_overrides: Any) -> d
         if not isinstance(d, dict):
             raise ValueError(f"invalid model YAML {source}: expected a mapping with backbone and head")
         d["yaml_file"] = str(path)
-    unknown = sorted(set(d) - MODEL_KEYS)
+    vit = "vit" in d
+    valid = VIT_MODEL_KEYS if vit else MODEL_KEYS
+    unknown = sorted(set(d) - valid)
     if unknown:
-        raise ValueError(f"invalid model YAML {source}: unknown keys {unknown}; valid keys are {sorted(MODEL_KEYS)}")
-    _check_layers(d, source)
+        raise ValueError(f"invalid model YAML {source}: unknown keys {unknown}; valid keys are {sorted(valid)}")
+    if vit:
+        _check_vit(d, source)
+    else:
+        _check_layers(d, source)
     if scale is not None:
         if scale not in (d.get("scales") or {}):
             raise ValueError(f"model scale '{scale}' is not in {source}; its scales are {list(d.get('scales') or [])}")
         d["scale"] = scale
-    d["moe"] = MoESettings.from_dict(d.get("moe"), f"{source} moe section").replace(**moe_overrides).to_dict()
+    settings = MoESettings.from_dict(d.get("moe"), f"{source} moe section").replace(**moe_overrides)
+    routes_tokens = vit or any(row[2] in TOKEN_ROUTED for row in d["backbone"] + d["head"])
+    d["moe"] = _fit_capacity_settings(settings, routes_tokens, source).to_dict()
     return d
 
 
@@ -193,8 +260,56 @@ class MoEDetectionModel(MoEModel, DetectionModel):
             self.info()
 
 
+class MoEViTDetectionModel(MoEModel, DetectionModel):
+    """ViT detector whose MLPs in the YAML's chosen blocks are token-routed MoE layers (V-MoE), with a YOLO Detect head.
+
+    `self.model` is [ViT, SimpleFeaturePyramid, Detect], each layer carrying the `.i`/`.f` that DetectionModel's
+    forward reads, so Ultralytics' loss, trainer, validator and predictor run unchanged.
+    """
+
+    def __init__(
+        self,
+        cfg: str | Path | dict[str, Any] = "visionmoe-vit-s.yaml",
+        ch: int = 3,
+        nc: int | None = None,
+        verbose: bool = True,
+        **moe_overrides: Any,
+    ):
+        BaseModel.__init__(self)  # not DetectionModel.__init__: it parses backbone/head rows, which a ViT YAML lacks
+        self.yaml = load_model_yaml(cfg, **moe_overrides)
+        if "scale" not in self.yaml:
+            self.yaml["scale"] = next(iter(self.yaml["scales"]))
+            LOGGER.warning(f"no model scale passed. Assuming scale='{self.yaml['scale']}'.")
+        if nc and nc != self.yaml["nc"]:
+            LOGGER.info(f"Overriding model.yaml nc={self.yaml['nc']} with nc={nc}")
+            self.yaml["nc"] = nc
+        self.yaml["channels"] = ch
+        depth, dim, heads, neck = self.yaml["scales"][self.yaml["scale"]]
+        vit = self.yaml["vit"]
+        moe_blocks = moe_block_indices(depth, vit["moe_every"], vit["moe_last"])
+        backbone = ViT(ch, dim, depth, heads, vit["mlp_ratio"], moe_blocks, self.moe_settings)
+        pyramid = SimpleFeaturePyramid(dim, neck)
+        head = Detect(self.yaml["nc"], ch=(neck,) * len(pyramid.strides))
+        self.model = nn.Sequential(backbone, pyramid, head)
+        for i, m in enumerate(self.model):
+            m.i, m.f, m.type, m.np = i, -1, type(m).__name__, sum(p.numel() for p in m.parameters())
+        self.save = []
+        self.names = {i: f"{i}" for i in range(self.yaml["nc"])}
+        self.inplace = head.inplace = True
+        self.stride = head.stride = torch.tensor(pyramid.strides, dtype=torch.float32)
+        head.bias_init()
+        initialize_weights(self)
+        if verbose:
+            self.info()
+
+
 def build_model(
     cfg: str | Path | dict[str, Any], ch: int = 3, nc: int | None = None, verbose: bool = True, **moe_overrides: Any
 ) -> MoEModel:
-    """Build the model a visionmoe YAML describes (every family goes through here)."""
-    return MoEDetectionModel(cfg, ch=ch, nc=nc, verbose=verbose, **moe_overrides)
+    """Build the model a visionmoe YAML describes (every family goes through here); a `vit:` section picks the ViT."""
+    d = load_model_yaml(cfg, **moe_overrides)
+    family = MoEViTDetectionModel if "vit" in d else MoEDetectionModel
+    model = family(d, ch=ch, nc=nc, verbose=verbose)
+    for name, block in model.named_moe_blocks():
+        block.router.label = name
+    return model

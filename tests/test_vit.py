@@ -1,0 +1,268 @@
+"""ViT-MoE: token routing (capacity, drops, BPR), token dispatch against a per-token reference, the ViT family's
+models, MoEC2PSA, bad settings, and one CLI training run on COCO8 followed by predict, reload and val."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ultralytics.engine.results import Results
+from ultralytics.nn.tasks import torch_safe_load
+from ultralytics.utils import ASSETS, YAML
+
+from visionmoe import VisionMoE
+from visionmoe.analysis.utilisation import UtilisationTracker
+from visionmoe.nn import MoEMlp, MoESettings, load_model_yaml
+from visionmoe.nn.routing import expert_capacity, token_slots
+from visionmoe.nn.tasks import MoEViTDetectionModel, build_model, models_dir
+from visionmoe.nn.vit import dense_baseline
+from visionmoe.utils.flops import active_gflops
+
+from conftest import run_cli
+
+
+def make_mlp(experts=4, top_k=1, cf=(100.0, 100.0), bpr=False, shared=False, dim=8, hidden=16) -> MoEMlp:
+    torch.manual_seed(0)
+    settings = MoESettings(experts=experts, top_k=top_k, capacity_factor=cf, bpr=bpr, shared_expert=shared)
+    return MoEMlp(dim, hidden, settings)
+
+
+def force_experts(block: MoEMlp, preferred: list[float]) -> MoEMlp:
+    """Make the router ignore its input and rank experts by `preferred` (one logit per expert)."""
+    gate = block.router.gate[0]
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.copy_(torch.tensor(preferred))
+    return block
+
+
+def per_token_loop(block: MoEMlp, x: torch.Tensor) -> torch.Tensor:
+    """out[b, t] = sum over kept choices j of gate * expert_e(x[b, t]), one token and one expert at a time."""
+    r, kept, ex = block.routing, block.kept, block.experts
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            for j in range(r.indices.shape[-1]):
+                if kept[b, t, j]:
+                    e = int(r.indices[b, t, j])
+                    y = F.gelu(x[b, t] @ ex.w1[e] + ex.b1[e]) @ ex.w2[e] + ex.b2[e]
+                    out[b, t] += r.gates[b, t, j] * y
+    return out
+
+
+def test_capacity_arithmetic():
+    assert expert_capacity(tokens=16, num_experts=4, top_k=1, capacity_factor=1.0) == 4
+    assert expert_capacity(tokens=16, num_experts=8, top_k=2, capacity_factor=1.25) == 5  # ceil(2*16*1.25/8)
+    assert expert_capacity(tokens=10, num_experts=3, top_k=1, capacity_factor=1.0) == 4  # ceil(3.33)
+    assert expert_capacity(tokens=4, num_experts=2, top_k=2, capacity_factor=2.0) == 4  # never above T
+
+
+def test_slots_queue_first_choices_before_second_and_drop_past_capacity():
+    indices = torch.tensor([[[0, 1], [0, 1], [1, 0]]])  # [B=1, T=3, k=2], E=2
+    slots, kept = token_slots(indices, torch.full((1, 3, 2), 0.5), num_experts=2, capacity=2)
+    # first choices: t0->e0 slot 0, t1->e0 slot 1, t2->e1 slot 0; then second: t0->e1 slot 1, t1->e1 2, t2->e0 2
+    assert slots.tolist() == [[[0, 1], [1, 2], [0, 2]]]
+    assert kept.tolist() == [[[True, True], [True, False], [True, False]]]
+
+
+def test_bpr_lets_high_gate_tokens_claim_capacity_first():
+    indices = torch.zeros(1, 4, 1, dtype=torch.long)  # every token wants expert 0, which has 2 slots
+    gates = torch.tensor([0.2, 0.9, 0.5, 0.7]).view(1, 4, 1)
+    slots, kept = token_slots(indices, gates, num_experts=2, capacity=2)
+    assert slots.flatten().tolist() == [0, 1, 2, 3] and kept.flatten().tolist() == [True, True, False, False]
+    slots, kept = token_slots(indices, gates, num_experts=2, capacity=2, bpr=True)
+    assert slots.flatten().tolist() == [3, 0, 2, 1] and kept.flatten().tolist() == [False, True, False, True]
+    tied = torch.tensor([0.5, 0.9, 0.5, 0.7]).view(1, 4, 1)  # equal gates keep raster order
+    assert token_slots(indices, tied, num_experts=2, capacity=2, bpr=True)[0].flatten().tolist() == [2, 0, 3, 1]
+
+
+@pytest.mark.parametrize("top_k, bpr, shared", [(1, False, False), (2, True, False), (2, False, True)])
+def test_sparse_dispatch_equals_per_token_reference_without_drops(top_k, bpr, shared):
+    block = make_mlp(top_k=top_k, bpr=bpr, shared=shared).eval()
+    x = torch.randn(3, 10, 8)
+    y = block(x)
+    assert block.dropped == 0.0
+    expected = per_token_loop(block, x)
+    if shared:
+        expected = expected + block.shared(x.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    block.dispatch = "dense"  # the einsum reference that export tests and users can switch to
+    torch.testing.assert_close(block(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_over_capacity_skip_the_expert():
+    block = force_experts(make_mlp(experts=4, cf=(1.0, 1.0)), [5.0, 0.0, 0.0, 0.0]).eval()  # all want expert 0
+    x = torch.randn(2, 8, 8)
+    y = block(x)
+    capacity = expert_capacity(8, 4, 1, 1.0)  # 2 of 8 tokens per image fit
+    assert block.kept[..., 0].sum(1).tolist() == [capacity, capacity]
+    assert block.dropped == pytest.approx(1 - capacity / 8)
+    assert torch.all(y[~block.kept[..., 0]] == 0)  # dropped: no expert output, the residual carries them
+    assert torch.all(y[block.kept[..., 0]].abs().sum(-1) > 0)
+    torch.testing.assert_close(y, per_token_loop(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_utilisation_csv_logs_drop_rate_per_expert(tmp_path):
+    block = force_experts(make_mlp(experts=4, cf=(1.0, 1.0)), [5.0, 0.0, 0.0, 0.0]).train()
+    block(torch.randn(2, 8, 8))
+    tracker = UtilisationTracker()
+    tracker.update([("blk", block)])
+    tracker.write(tmp_path / "util.csv", epoch=1)
+    rows = list(csv.DictReader(open(tmp_path / "util.csv")))
+    assert [(r["expert"], r["count"], float(r["drop_rate"])) for r in rows] == [
+        ("0", "16", 0.75),  # 16 tokens want expert 0, which takes 2 per image
+        ("1", "0", 0.0),
+        ("2", "0", 0.0),
+        ("3", "0", 0.0),
+    ]
+
+
+def test_token_routing_is_batch_invariant_even_with_drops():
+    block = make_mlp(experts=4, cf=(0.5, 0.5), bpr=True).eval()
+    x = torch.randn(4, 16, 8)
+    y = block(x)
+    assert 0 < block.dropped < 1
+    for i in range(4):
+        torch.testing.assert_close(block(x[i : i + 1]), y[i : i + 1], atol=1e-5, rtol=1e-5)
+
+    model = build_model("visionmoe-vit-t.yaml", nc=2, verbose=False).eval()
+    imgs = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        batch, single = model(imgs)[0], model(imgs[1:2])[0]
+    torch.testing.assert_close(single, batch[1:2], atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_reach_router_and_chosen_experts_only():
+    block = force_experts(make_mlp(experts=4, cf=(2.0, 2.0)), [1.0, 1.0, -50.0, -50.0]).train()
+    with torch.no_grad():
+        block.router.gate[0].weight.normal_(0, 0.5)  # input-dependent choices between experts 0 and 1
+    block(torch.randn(2, 12, 8)).pow(2).sum().backward()
+    chosen = set(block.routing.indices[block.kept].tolist())
+    assert chosen == {0, 1}
+    assert block.router.gate[0].weight.grad.abs().sum() > 0
+    for e in range(4):
+        grad = sum(p.grad[e].abs().sum() for p in block.experts.parameters())
+        assert (grad > 0) if e in chosen else (grad == 0), f"expert {e}"
+
+
+@pytest.mark.parametrize("scale, moe_blocks", [("t", [3, 5]), ("s", [7, 9, 11])])
+def test_every_scale_builds_with_moe_in_every_other_block_of_the_last_half(scale, moe_blocks):
+    model = build_model(f"visionmoe-vit-{scale}.yaml", nc=3, verbose=False)
+    assert isinstance(model, MoEViTDetectionModel)
+    blocks = model.model[0].blocks
+    assert [i for i, b in enumerate(blocks) if isinstance(b.mlp, MoEMlp)] == moe_blocks
+    assert model.moe_settings.capacity_factor == (1.25, 2.0) and model.moe_settings.bpr
+    with torch.no_grad():
+        y = model.eval()(torch.zeros(1, 3, 64, 96))
+    assert y[0].shape == (1, 4 + 3, 8 * 12 + 4 * 6 + 2 * 3)  # P3/P4/P5 anchors of a 64x96 image
+    assert model.active_params() < sum(p.numel() for p in model.parameters())
+
+
+def test_active_gflops_at_top1_within_10pct_of_dense_mlp_vit():
+    moe = build_model("visionmoe-vit-t.yaml", verbose=False, top_k=1)
+    dense = dense_baseline(build_model("visionmoe-vit-t.yaml", verbose=False, top_k=1))
+    ratio = active_gflops(moe, 640) / active_gflops(dense, 640)
+    assert 1.0 <= ratio <= 1.1, f"active GFLOPs {ratio:.3f}x the dense-MLP ViT"
+
+
+def test_moe_c2psa_in_a_yolo_yaml(tmp_path):
+    cfg = YAML.load(models_dir() / "visionmoe-yolo.yaml")
+    cfg["backbone"][10][2] = "MoEC2PSA"
+    path = tmp_path / "yolo-psa-moe.yaml"
+    YAML.save(path, cfg)
+    model = build_model(path, verbose=False, bpr=True)
+    tokens = [m for m in model.moe_blocks() if isinstance(m, MoEMlp)]
+    assert type(model.model[10]).__name__ == "MoEC2PSA" and len(tokens) == 1
+    assert model.moe_settings.capacity_factor == (1.25, 2.0)  # token layers get the default capacity
+    model.train()(torch.zeros(2, 3, 64, 64))
+    assert tokens[0].kept.shape == (2, 2 * 2, 1)  # 2x2 tokens at stride 32
+    assert torch.isfinite(model.aux_loss())
+
+
+@pytest.mark.parametrize(
+    "model, overrides, message",
+    [
+        ("visionmoe-vit-t.yaml", {"capacity_factor": 0.0}, "capacity factors must be > 0"),
+        ("visionmoe-vit-t.yaml", {"capacity_factor": [1.25, -1]}, "capacity factors must be > 0"),
+        ("visionmoe-vit-t.yaml", {"top_k": 9}, "top_k=9 with experts=8"),
+        ("visionmoe-vit-t.yaml", {"bpr": "yes"}, "bpr='yes'"),
+        ("visionmoe-yolo-n.yaml", {"bpr": True}, "bpr apply to token-routed MoE layers"),
+        ("visionmoe-yolo-n.yaml", {"capacity_factor": 1.25}, "capacity_factor apply to token-routed"),
+    ],
+)
+def test_bad_settings_fail_with_one_line(model, overrides, message):
+    with pytest.raises(ValueError, match=message) as e:
+        VisionMoE(model, **overrides)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vit": {"mlp_ratio": 4.0, "moe_evry": 2}}, "unknown keys \\['moe_evry'\\] in 'vit'"),
+        ({"vit": {"moe_last": 0}}, "moe_last=0"),
+        ({"scales": {"t": [6, 190, 3, 64]}}, "dim 190 must be divisible by heads 3"),
+        ({"backbone": []}, "unknown keys \\['backbone'\\]"),
+    ],
+)
+def test_invalid_vit_yaml_fails_with_one_line(tmp_path, change, message):
+    cfg = {**YAML.load(models_dir() / "visionmoe-vit.yaml"), **change}
+    path = tmp_path / "broken-vit.yaml"
+    YAML.save(path, cfg)
+    with pytest.raises(ValueError, match=message) as e:
+        load_model_yaml(path)
+    assert "\n" not in str(e.value)
+
+
+def test_image_size_not_a_multiple_of_32_is_a_clear_error():
+    model = build_model("visionmoe-vit-t.yaml", verbose=False).eval()
+    with pytest.raises(ValueError, match="image size 48x64 is not a multiple of 32") as e:
+        model(torch.zeros(1, 3, 48, 64))
+    assert "\n" not in str(e.value)
+
+
+def test_vit_moe_exports_a_static_sparse_onnx_that_matches_eager(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)  # a model built from a YAML exports into the working directory
+    model = VisionMoE("visionmoe-vit-t.yaml", capacity_factor=[1.0, 0.5])  # tight eval capacity: drops happen
+    path = model.export(format="onnx", imgsz=64)  # the exporter checks that the graph is static
+    x = torch.rand(2, 3, 64, 64)  # batch 1 at export; run both images one by one
+    session = ort.InferenceSession(path)
+    net = model.model.eval()
+    for img in x.split(1):
+        (y,) = session.run(None, {session.get_inputs()[0].name: img.numpy()})
+        with torch.no_grad():
+            expected = net(img)[0]
+        assert any(b.dropped > 0 for b in net.moe_blocks())
+        torch.testing.assert_close(torch.from_numpy(y), expected, atol=1e-3, rtol=1e-4)
+
+
+def test_cli_train_then_predict_reload_and_val(coco8, tmp_root):
+    project = tmp_root / "runs" / "vit"
+    result = run_cli(
+        "train", "model=visionmoe-vit-t.yaml", "data=coco8.yaml", "epochs=1", "imgsz=64", "batch=4", "nbs=4",
+        "workers=0", f"project={project}", "name=train", "seed=0", "plots=False",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = project / "train"
+    assert "moe" in result.stdout + result.stderr
+    rows = list(csv.DictReader(open(run / "results.csv")))
+    assert len(rows) == 1 and float(rows[0]["train/moe"]) > 0
+    util = list(csv.DictReader(open(run / "expert_utilisation.csv")))
+    assert len(util) == 2 * 8  # 2 MoE MLPs x 8 experts
+    assert all(0 <= float(row["drop_rate"]) <= 1 for row in util)
+    assert all(float(row["drop_rate"]) == 0 for row in util if int(row["count"]) == 0)  # nothing chosen, none dropped
+    weights = run / "weights" / "best.pt"
+
+    ckpt, _ = torch_safe_load(weights, safe_only=True)  # weights_only load: every class is on the allow-list
+    assert isinstance(ckpt["model"], MoEViTDetectionModel)
+
+    model = VisionMoE(weights)
+    results = model.predict(ASSETS / "bus.jpg", imgsz=64, conf=0.0, verbose=False)
+    assert isinstance(results[0], Results) and results[0].boxes.data.shape[1] == 6
+    _, total, active, gflops = model.info(imgsz=64)
+    assert active < total and gflops > 0
+    metrics = model.val(data="coco8.yaml", imgsz=64, batch=4, workers=0, plots=False, project=str(project))
+    assert 0 <= metrics.box.map <= 1

@@ -1,0 +1,127 @@
+"""Static dispatch of per-image conv experts: the export form of a conv MoE, branch-free and with static shapes.
+
+The E experts of a block are snapshotted into one module of the same structure (`StaticExperts`) whose convs hold
+the E experts' weights stacked [E, ...] with BatchNorm folded in. A forward gathers the chosen experts' weights and
+runs every (image, slot) pair as one group of a grouped conv, so only the k chosen experts per image compute and
+the graph is TopK -> Gather(weights) -> Conv(groups=N*g): no branches, no data-dependent shapes, no scatter.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from ultralytics.nn.modules import C3, Bottleneck, Conv, DWConv
+from ultralytics.nn.modules.block import C3k
+
+from .experts import BottleneckStack
+
+
+class StaticExportError(ValueError):
+    """A model or setting that has no static (sparse, export-ready) form; the message names what and why."""
+
+
+# Modules the converter reuses as they are: their forward treats each item (image) on its own and their only
+# parameters sit in convs, which are swapped for gathered ones. Exact types, since a subclass may override forward.
+PER_ITEM_CONTAINERS = (BottleneckStack, Bottleneck, C3, C3k, nn.Sequential, nn.ModuleList)
+ACTIVATIONS = (nn.Identity, nn.SiLU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Mish)
+CONVS = (Conv, DWConv)  # Ultralytics Conv2d + BatchNorm + activation; BN is folded into the gathered weights
+
+
+class GatheredConv2d(nn.Module):
+    """Conv2d over E stacked experts' weights; item n runs with the weights of expert `index[n]`.
+
+    x [N, c1, H, W] -> [N, c2, H', W'], as one grouped conv with the N items folded into the channel (group) axis.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, like: nn.Conv2d):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())  # [E, c2, c1/g, kh, kw]
+        self.register_buffer("bias", bias.detach().clone())  # [E, c2]
+        self.stride, self.padding, self.dilation, self.groups = like.stride, like.padding, like.dilation, like.groups
+        self.index: torch.Tensor | None = None  # [N] expert per item, set by StaticExperts for one forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        w = self.weight[self.index].flatten(0, 1)  # [N*c2, c1/g, kh, kw]
+        b = self.bias[self.index].flatten()  # [N*c2]
+        y = F.conv2d(x.flatten(0, 1).unsqueeze(0), w, b, self.stride, self.padding, self.dilation, n * self.groups)
+        return y.view(n, -1, *y.shape[2:])
+
+
+def _folded(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of an Ultralytics Conv or a Conv2d, with its BatchNorm (if not fused yet) folded in."""
+    c = conv.conv if isinstance(conv, CONVS) else conv
+    bias = c.bias if c.bias is not None else torch.zeros(c.out_channels, dtype=c.weight.dtype, device=c.weight.device)
+    bn = getattr(conv, "bn", None)
+    if bn is None:
+        return c.weight, bias
+    return fuse_conv_bn_weights(c.weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+
+
+def _check_convertible(expert: nn.Module) -> None:
+    """Raise StaticExportError naming the first module of `expert` that the converter does not know."""
+    for name, m in expert.named_modules():
+        path = name or "(expert root)"
+        if type(m) in CONVS:
+            if type(m.conv) is not nn.Conv2d or type(getattr(m, "bn", None)) not in (nn.BatchNorm2d, type(None)):
+                raise StaticExportError(f"expert conv '{path}' is not a Conv2d with an optional BatchNorm2d")
+        elif type(m) is nn.Conv2d:
+            if m.padding_mode != "zeros":
+                raise StaticExportError(f"expert conv '{path}' pads with '{m.padding_mode}', only 'zeros' is static")
+        elif type(m) not in PER_ITEM_CONTAINERS + ACTIVATIONS and not _owned_by_conv(expert, name):
+            raise StaticExportError(
+                f"expert module '{path}' ({type(m).__name__}) has no static export form; known modules are "
+                f"{', '.join(t.__name__ for t in (*CONVS, nn.Conv2d, *PER_ITEM_CONTAINERS, *ACTIVATIONS))}"
+            )
+
+
+def _owned_by_conv(root: nn.Module, name: str) -> bool:
+    """True for the conv and bn children of an Ultralytics Conv, which are converted with their parent."""
+    parent, _, child = name.rpartition(".")
+    return bool(name) and child in {"conv", "bn"} and type(root.get_submodule(parent)) in CONVS
+
+
+class StaticExperts(nn.Module):
+    """E experts of one block as one module of their shared structure, for inference and export only.
+
+    A snapshot: built from the experts' current weights (BN folded), so rebuild it after the experts change.
+    forward(x [N, ...], index [N]) runs item n through expert index[n] -> [N, ...out].
+    """
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        for expert in experts:
+            _check_convertible(expert)
+        self.body = deepcopy(experts[0])
+        self.convs: list[GatheredConv2d] = []  # plain list: the modules are registered inside `body`
+        for name, m in list(self.body.named_modules()):
+            if type(m) not in (*CONVS, nn.Conv2d) or _owned_by_conv(self.body, name):
+                continue
+            folded = [_folded(expert.get_submodule(name)) for expert in experts]
+            conv = m.conv if type(m) in CONVS else m
+            gathered = GatheredConv2d(torch.stack([w for w, _ in folded]), torch.stack([b for _, b in folded]), conv)
+            self.convs.append(gathered)
+            if type(m) in CONVS:  # keep the Conv (and its activation) but run it as fused: act(conv(x))
+                m.conv = gathered
+                if hasattr(m, "bn"):
+                    delattr(m, "bn")
+                m.forward = m.forward_fuse
+            elif name:
+                parent, _, child = name.rpartition(".")
+                setattr(self.body.get_submodule(parent), child, gathered)
+            else:  # the expert is a bare Conv2d
+                self.body = gathered
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            conv.index = index
+        try:
+            return self.body(x)
+        finally:
+            for conv in self.convs:
+                conv.index = None  # drop the tensor so that the module holds no per-batch state
