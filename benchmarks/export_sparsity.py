@@ -1,0 +1,72 @@
+"""Does the static ONNX export keep the sparsity? ONNX Runtime CPU latency, measured side by side in one run.
+
+    python benchmarks/export_sparsity.py [--imgsz 640] [--runs 20] [--warmup 3] [--scale n]
+
+Prints, for batch 1 and top_k=1:
+  - 16 experts over 4 experts, both static exports (sparse: should stay near 1, target <= 1.15);
+  - static over dense-fallback export of an 8-expert model (should be well under 1).
+Models are built from the packaged YAML with random weights (latency does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from visionmoe import VisionMoE
+
+
+def export(folder: Path, name: str, experts: int, dispatch: str, imgsz: int, scale: str) -> Path:
+    model = VisionMoE(f"visionmoe-yolo-{scale}.yaml", experts=experts, top_k=1)
+    model.model.pt_path = str(folder / f"{name}.pt")  # the export lands next to it
+    return Path(model.export(format="onnx", imgsz=imgsz, batch=1, moe_dispatch=dispatch))
+
+
+def latency_ms(path: Path, imgsz: int, runs: int, warmup: int) -> float:
+    """Median wall time of one batch-1 inference on the CPU provider."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = {"images": np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, x)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--scale", default="n", help="model scale of visionmoe-yolo.yaml")
+    args = parser.parse_args()
+
+    variants = {  # name: (experts, dispatch)
+        "e4-static": (4, "static"),
+        "e16-static": (16, "static"),
+        "e8-static": (8, "static"),
+        "e8-dense": (8, "dense"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {n: export(Path(tmp), n, e, d, args.imgsz, args.scale) for n, (e, d) in variants.items()}
+        ms = {n: latency_ms(p, args.imgsz, args.runs, args.warmup) for n, p in paths.items()}
+
+    print(f"\nONNX Runtime {ort.__version__} CPU, visionmoe-yolo-{args.scale}, imgsz {args.imgsz}, batch 1, top_k=1, "
+          f"median of {args.runs} runs after {args.warmup} warmup")  # fmt: skip
+    for name, t in ms.items():
+        print(f"  {name:<11} {t:8.1f} ms")
+    print(f"  16 / 4 experts (static):   {ms['e16-static'] / ms['e4-static']:.3f}  (target <= 1.15)")
+    print(f"  static / dense (8 experts): {ms['e8-static'] / ms['e8-dense']:.3f}  (should be well under 1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""ONNX export of MoE models with static top-k that keeps the sparsity.
+
+The model is copied, every MoE block switched to its 'static' dispatch (only the chosen experts compute, as
+branch-free static-shape tensor code), and the copy handed to Ultralytics' Exporter, which fuses, traces and writes
+its usual metadata; visionmoe adds its MoE settings to that metadata. The legacy tracer records every `x.shape` as
+runtime Shape ops, so the graph is then constant-folded (onnxscript's optimizer, as torch.onnx uses it) with its
+constants lifted to initializers, checked to be static (see checks.py), and only then moved to its final path,
+so a failed export leaves no file behind.
+A dense export (every expert runs, unchosen ones weighted 0) happens only when asked for with moe_dispatch=dense.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from ultralytics.cfg import DEFAULT_CFG
+from ultralytics.engine.exporter import Exporter
+from ultralytics.utils import LOGGER, colorstr
+
+from ..nn.static import StaticExportError
+from ..nn.tasks import MoEModel
+from .checks import check_static_graph
+
+EXPORT_DISPATCHES = ("static", "dense")  # values of moe_dispatch; 'static' is the sparse export
+EXPORT_KEYS = ("moe_dispatch",)  # visionmoe-only export arguments, popped before Ultralytics checks the rest
+DEFAULT_OPSET = 17  # TensorRT-friendly and supported by every current ONNX Runtime
+
+
+def preflight_args(args: Any, dispatch: str) -> None:
+    """Refuse, in one line, export settings that cannot give a static MoE graph."""
+    if dispatch not in EXPORT_DISPATCHES:
+        raise StaticExportError(f"moe_dispatch='{dispatch}' is not an export dispatch, use one of {list(EXPORT_DISPATCHES)}")
+    if args.format != "onnx":
+        raise StaticExportError(
+            f"format='{args.format}' cannot export MoE models yet: use format=onnx (for TensorRT, build the engine "
+            f"from the ONNX file, see export/README.md)"
+        )
+    if args.dynamic:
+        raise StaticExportError("dynamic=True cannot export MoE models: the graph is static, fix 'batch' and 'imgsz' instead")
+    if args.nms:
+        raise StaticExportError("nms=True cannot export MoE models: embedded NMS has data-dependent shapes, run NMS after the graph")
+    if args.quantize not in {None, 32, "32", "fp32"}:
+        raise StaticExportError(
+            f"quantize={args.quantize} cannot export MoE models: low-precision routers collapse routing; export FP32 "
+            f"and reduce precision in the runtime with the router kept in FP32 (see export/README.md)"
+        )
+
+
+def prepare(model: MoEModel, dispatch: str) -> MoEModel:
+    """Copy of `model` in eval mode with every MoE block switched to `dispatch`; raises if a block cannot switch."""
+    if not isinstance(model, MoEModel):
+        raise StaticExportError(f"{type(model).__name__} is not a visionmoe model; export dense models with ultralytics.YOLO")
+    model = deepcopy(model).eval()
+    for name, block in model.named_moe_blocks():
+        try:
+            block.set_dispatch(dispatch)
+        except StaticExportError as e:
+            raise StaticExportError(f"MoE block '{name}' cannot export with moe_dispatch={dispatch}: {e}") from None
+    return model
+
+
+def export_path(model: MoEModel) -> Path:
+    """Where Ultralytics' Exporter would write the ONNX file of `model` (next to its .pt, or in cwd for a YAML)."""
+    file = Path(getattr(model, "pt_path", None) or getattr(model, "yaml_file", None) or model.yaml.get("yaml_file", ""))
+    return Path(file.name if file.suffix in {".yaml", ".yml"} else file).with_suffix(".onnx")
+
+
+def fold_shapes(path: str | Path) -> None:
+    """Fold the traced graph's shape computations into constants, in place; static input shapes make them constant.
+
+    Constants become initializers too, so that TopK's K reads as a constant in shape inference and in TensorRT.
+    """
+    import onnx_ir as ir  # onnxscript and onnx-ir load only when exporting
+    import onnxscript.optimizer
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    model = ir.load(path)
+    onnxscript.optimizer.optimize(model)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    ir.save(model, path)
+
+
+class MoEExporter(Exporter):
+    """Ultralytics Exporter for visionmoe models: static sparse (or, on request, dense) ONNX with MoE metadata.
+
+    Accepts the Ultralytics export arguments plus `moe_dispatch` ('static' by default, or 'dense'); `opset`
+    defaults to 17.
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: dict | None = None):
+        overrides = dict(overrides or {})
+        self.moe_dispatch = overrides.pop("moe_dispatch", None) or "static"
+        super().__init__(cfg, overrides, _callbacks)
+        self.args.opset = self.args.opset or DEFAULT_OPSET
+
+    def __call__(self, model: MoEModel) -> str:
+        """Export `model` and return the ONNX path; nothing is written if any step fails."""
+        self.args.format = str(self.args.format).lower()
+        preflight_args(self.args, self.moe_dispatch)
+        target = export_path(model)
+        prepared = prepare(model, self.moe_dispatch)
+        # Write into a scratch folder beside the target and move the file into place only once it passed the checks
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".visionmoe-export-", dir=target.parent))
+        try:
+            prepared.pt_path = str(scratch / target.with_suffix(".pt").name)
+            f = super().__call__(prepared)
+            fold_shapes(f)
+            check_static_graph(f, self.args.opset)
+            os.replace(f, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        LOGGER.info(f"{colorstr('visionmoe:')} {self.moe_dispatch} MoE export saved to {target.resolve()}")
+        return str(target)
+
+    def export_onnx(self, prefix=colorstr("ONNX:")):  # noqa: B008
+        """Ultralytics' ONNX export with the MoE settings and dispatch added to the metadata."""
+        self.metadata["moe"] = self.model.moe_settings.to_dict()
+        self.metadata["moe_dispatch"] = self.moe_dispatch
+        with torch.no_grad():
+            return super().export_onnx(prefix)
