@@ -9,25 +9,17 @@ Prints, measured side by side in one run (median of --runs after warmup):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from visionmoe.nn.tasks import build_model
 from visionmoe.utils import allowed_cpus
+from visionmoe.utils.latency import median_ms
 
 
 def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+        return median_ms(lambda: model(x), runs)
 
 
 def main() -> None:

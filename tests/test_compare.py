@@ -1,0 +1,92 @@
+"""`visionmoe compare`: a 1-epoch, 1-seed comparison on COCO8 writes every column; failures and reruns."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from visionmoe.engine.compare import columns, matched_baselines, resolve_models
+
+from conftest import run_cli
+
+ARGS = ("data=coco8.yaml", "seeds=1", "epochs=1", "imgsz=64", "batch=4", "nbs=4", "workers=0", "plots=False")
+MODELS = "models=visionmoe-yolo-n.yaml,yolo11n.yaml,no-such-model.yaml"
+
+
+@pytest.fixture(scope="module")
+def compared(coco8, tmp_root):
+    """Folder of one comparison with a model that cannot load, and the CLI's output."""
+    project = tmp_root / "runs" / "compare"
+    r = run_cli("compare", MODELS, *ARGS, f"project={project}", "name=c", "exist_ok=True")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return project / "c", r.stdout + r.stderr
+
+
+def test_writes_every_column_for_each_model(compared):
+    folder, _ = compared
+    rows = {r["model"]: r for r in csv.DictReader(open(folder / "compare.csv"))}
+    assert list(next(iter(rows.values()))) == columns(gpu=False)
+    assert list(rows) == ["visionmoe-yolo-n", "yolo11n", "no-such-model"]
+    moe, dense = rows["visionmoe-yolo-n"], rows["yolo11n"]
+    single_seed = {"mAP50_std", "mAP50-95_std", "delta_std", "noise_floor"}  # no spread from one seed
+    for row in (moe, dense):
+        assert row["status"] == "ok" and row["seeds"] == "1"
+        assert all(row[c] != "" for c in columns(gpu=False) if c not in single_seed), row
+        assert all(row[c] == "" for c in single_seed)
+        for c in ("mAP50", "mAP50-95"):
+            assert 0 <= float(row[c]) <= 1
+        assert float(row["torch_cpu_ms"]) > 0 and float(row["train_s_per_epoch"]) > 0
+    assert float(dense["onnx_cpu_ms"]) > 0
+    assert moe["onnx_cpu_ms"].startswith("failed:") or float(moe["onnx_cpu_ms"]) > 0  # a failed export is recorded
+    assert int(moe["active_params"]) < int(moe["params"]) and dense["active_params"] == dense["params"]
+    assert abs(float(moe["active_GFLOPs"]) / float(dense["active_GFLOPs"]) - 1) < 0.01  # same scale, k=1
+    assert dense["vs_noise"] == "reference" and float(dense["delta_mAP50-95"]) == 0
+    assert moe["vs_noise"] == "n/a (1 seed)"
+    md = (folder / "compare.md").read_text()
+    assert "visionmoe compare" in md and "Machine:" in md and "| visionmoe-yolo-n | moe |" in md
+    assert (folder / "map_vs_gflops.png").stat().st_size > 0 and (folder / "map_vs_latency.png").stat().st_size > 0
+
+
+def test_failed_run_is_reported_and_the_others_go_on(compared):
+    folder, log = compared
+    bad = {r["model"]: r for r in csv.DictReader(open(folder / "compare.csv"))}["no-such-model"]
+    assert bad["seeds"] == "0" and "failed" in bad["status"] and "no-such-model.yaml" in bad["status"]
+    assert "no-such-model seed 0 failed" in log
+    assert json.loads((folder / "yolo11n" / "seed0.json").read_text())["seed"] == 0
+
+
+def test_rerun_skips_finished_runs(compared, tmp_root):
+    folder, _ = compared
+    records = {p: p.stat().st_mtime_ns for p in folder.rglob("seed0.json")}
+    assert len(records) == 2
+    r = run_cli("compare", MODELS, *ARGS, f"project={folder.parent}", "name=c", "exist_ok=True")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Starting training" not in r.stdout + r.stderr
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("seed0.json")} == records
+    assert "no-such-model seed 0 failed" in r.stdout + r.stderr  # failed runs are retried
+    assert len(list(csv.DictReader(open(folder / "compare.csv")))) == 3
+
+
+def test_matched_dense_baselines_are_added_for_moe_only_lists():
+    assert matched_baselines(["visionmoe-yolo-n.yaml"]) == ["yolo11n.yaml", "yolo11s.yaml"]
+    assert matched_baselines(["visionmoe-yolo-x.yaml"]) == ["yolo11x.yaml"]
+    entries = resolve_models("visionmoe-yolo-s.yaml")
+    assert [(e.label, e.moe) for e in entries] == [("visionmoe-yolo-s", True), ("yolo11s", False), ("yolo11m", False)]
+    assert [e.moe for e in resolve_models("visionmoe-yolo-n.yaml,yolo11n.yaml")] == [True, False]  # no additions
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("epochz=1",), "'epochz' is not a valid visionmoe argument"),
+        (("seed=1",), "use seeds="),
+        (("model=yolo11n.yaml",), "use models="),
+        (("seeds=0",), "seeds=0"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(argv, message, tmp_path):
+    r = run_cli("compare", "data=coco8.yaml", *argv, f"project={tmp_path}")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not any(tmp_path.iterdir())  # refused before any run folder exists

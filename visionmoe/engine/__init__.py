@@ -1,0 +1,1 @@
+"""Workflows that run many models: `visionmoe compare`."""

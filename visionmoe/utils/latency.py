@@ -1,0 +1,54 @@
+"""Batch-1 latency: median wall time of eager PyTorch and ONNX Runtime forwards after warmup."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import torch
+from ultralytics.nn.tasks import BaseModel
+
+from . import allowed_cpus
+
+
+def median_ms(
+    fn: Callable[[], object], runs: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None
+) -> float:
+    """Median milliseconds of `fn()` over `runs` calls after `warmup` calls; `sync` waits for async devices."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def torch_latency_ms(model: BaseModel, imgsz: int, device: str = "cpu", runs: int = 20) -> float:
+    """Eager latency of a fused fp32 copy of `model` on one imgsz x imgsz image (on every allowed CPU core)."""
+    if device == "cpu":
+        torch.set_num_threads(allowed_cpus())  # Ultralytics' trainers and validators leave one core idle
+    m = deepcopy(model).float().to(device).eval().fuse(verbose=False)  # Conv+BN folded, as deployed
+    x = torch.rand(1, 3, imgsz, imgsz, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    with torch.inference_mode():
+        return median_ms(lambda: m(x), runs, sync=sync)
+
+
+def onnx_latency_ms(path: str | Path, provider: str = "CPUExecutionProvider", runs: int = 20) -> float:
+    """ONNX Runtime latency of a static-shape model on a random input of its declared shape."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = allowed_cpus()  # the same cores eager PyTorch uses
+    session = ort.InferenceSession(str(path), options, providers=[provider])
+    inp = session.get_inputs()[0]
+    x = np.random.default_rng(0).random(inp.shape, dtype=np.float32)
+    return median_ms(lambda: session.run(None, {inp.name: x}), runs)
