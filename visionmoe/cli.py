@@ -9,10 +9,17 @@ from typing import Any
 from ultralytics.cfg import DEFAULT_CFG_DICT, parse_key_value_pair
 from ultralytics.utils import ASSETS, LOGGER
 
+from .data import find_data_yaml
+from .data.synth import DEFAULT_IMAGES, DEFAULT_IMGSZ, generate
+from .data.synth import NAME as SYNTH_NAME
+from .engine.compare import COMPARE_KEYS, DEFAULT_MODELS, compare
+from .export import EXPORT_DISPATCHES, EXPORT_KEYS
 from .models.yolo.model import DEFAULT_MODEL
 from .nn.settings import MoESettings, pop_moe_overrides
 
-MODES = ("train", "val", "predict", "export", "info", "help")
+MODES = ("train", "val", "predict", "export", "analyze", "compare", "data", "info", "help")
+SYNTH_DEFAULTS = {"out": f"DATASETS_DIR/{SYNTH_NAME}", "seed": 0, "images": DEFAULT_IMAGES, "imgsz": DEFAULT_IMGSZ}
+COMPARE_DEFAULTS = {"models": ",".join(DEFAULT_MODELS), "seeds": 3}
 
 HELP = f"""
 visionmoe: sparse Mixture-of-Experts detectors on Ultralytics.
@@ -22,15 +29,20 @@ visionmoe: sparse Mixture-of-Experts detectors on Ultralytics.
   MODE       one of {', '.join(MODES)}
   key=value  any Ultralytics argument (epochs=3 imgsz=320 device=cpu ...), plus the MoE settings
              {', '.join(MoESettings.keys())}
-             which apply when the model is built from a YAML (default model={DEFAULT_MODEL})
+             which apply when the model is built from a YAML (default model={DEFAULT_MODEL}), and for export
+             moe_dispatch={'|'.join(EXPORT_DISPATCHES)} (static: only the chosen experts run in the ONNX graph)
 
 Examples:
   visionmoe train data=coco8.yaml epochs=3 imgsz=320
   visionmoe train model=visionmoe-yolo-s.yaml data=coco8.yaml experts=8 top_k=1
+  visionmoe train model=visionmoe-vit-s.yaml data=coco8.yaml capacity_factor=[1.25,2.0] bpr=True
   visionmoe predict model=runs/detect/train/weights/best.pt source=bus.jpg
   visionmoe val model=runs/detect/train/weights/best.pt data=coco8.yaml
   visionmoe export model=runs/detect/train/weights/best.pt format=onnx
+  visionmoe analyze model=runs/detect/train/weights/best.pt data=coco8.yaml   # routing analysis of the val split
   visionmoe info model=visionmoe-yolo-m.yaml
+  visionmoe compare data=synth-shapes.yaml models=visionmoe-yolo-n.yaml,yolo11n.yaml epochs=10 imgsz=128 seeds=3
+  visionmoe data synth out=datasets/synth-shapes seed=0 images={DEFAULT_IMAGES} imgsz={DEFAULT_IMGSZ}
 """
 
 
@@ -46,22 +58,34 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if mode not in MODES:
         raise UsageError(f"unknown mode '{mode}': use one of {', '.join(MODES)} (see 'visionmoe help')")
     overrides: dict[str, Any] = {}
-    valid = [*DEFAULT_CFG_DICT, *MoESettings.keys()]
+    valid = [*DEFAULT_CFG_DICT, *MoESettings.keys(), *(EXPORT_KEYS if mode == "export" else ())]
+    if mode == "compare":
+        valid += COMPARE_KEYS
+    if mode == "data":
+        if pairs[:1] != ["synth"]:
+            raise UsageError("data needs a tool: 'visionmoe data synth [out=DIR seed=0 images=N imgsz=S]'")
+        pairs, valid = pairs[1:], list(SYNTH_DEFAULTS)
     for pair in pairs:
         if "=" not in pair:
             raise UsageError(f"argument '{pair}' is not key=value: write it as e.g. 'epochs=3'")
         key, value = parse_key_value_pair(pair.removeprefix("--"))
         if key not in valid:
             close = get_close_matches(key, valid, n=3)
-            hint = f" Similar arguments are {[f'{k}={_default(k)}' for k in close]}." if close else ""
+            hint = f" Similar arguments are {[f'{k}={_default(k, mode)}' for k in close]}." if close else ""
             raise UsageError(
                 f"'{key}' is not a valid visionmoe argument.{hint} Valid arguments: {', '.join(sorted(valid))}"
             )
         overrides[key] = value
-    return mode, overrides, pop_moe_overrides(overrides)
+    return mode, overrides, pop_moe_overrides(overrides) if mode != "data" else {}
 
 
-def _default(key: str) -> Any:
+def _default(key: str, mode: str) -> Any:
+    if mode == "data":
+        return SYNTH_DEFAULTS[key]
+    if key in COMPARE_DEFAULTS:
+        return COMPARE_DEFAULTS[key]
+    if key in EXPORT_KEYS:
+        return EXPORT_DISPATCHES[0]
     return DEFAULT_CFG_DICT[key] if key in DEFAULT_CFG_DICT else getattr(MoESettings(), key)
 
 
@@ -73,6 +97,14 @@ def run(argv: list[str]) -> Any:
     if mode == "help":
         LOGGER.info(HELP)
         return None
+    if mode == "data":
+        return generate(**overrides)
+    if "data" in overrides:
+        overrides["data"] = find_data_yaml(overrides["data"])  # packaged dataset names, e.g. synth-shapes.yaml
+    if mode == "compare":
+        return compare(moe=moe, **overrides)
+    if mode == "analyze" and "model" not in overrides:
+        raise UsageError("analyze needs a trained model: pass model=path/to/best.pt")
     model = VisionMoE(overrides.pop("model", DEFAULT_MODEL), **moe)
     if mode == "info":
         return model.info(imgsz=overrides.get("imgsz", 640))

@@ -6,14 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+from torch import nn
 from ultralytics.cfg import DEFAULT_CFG_DICT
 from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.engine.model import Model
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidator
+from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils import RANK
 
-from ...nn.settings import MoESettings
-from ...nn.tasks import build_model, load_model_yaml
+from ...analysis import analyze
+from ...nn.settings import check_keys
+from ...nn.tasks import MoEModel, build_model, load_model_yaml
+from ...nn.upcycle import upcycle
 from .train import MoEDetectionTrainer
 
 DEFAULT_MODEL = "visionmoe-yolo-n.yaml"
@@ -38,7 +42,7 @@ class VisionMoE(Model):
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, task: str | None = None, verbose: bool = False, **moe: Any):
         """Build from a model YAML (MoE settings may override its `moe:` section) or load a checkpoint."""
-        MoESettings().replace(**moe)  # unknown or impossible settings fail here, with the valid keys named
+        check_keys(moe, "MoE settings")  # unknown keys fail here; values are checked against the model YAML's
         if moe and not str(model).lower().endswith((".yaml", ".yml")):
             raise ValueError(
                 f"MoE settings {sorted(moe)} apply when building from a model YAML; '{model}' already fixes them"
@@ -66,6 +70,46 @@ class VisionMoE(Model):
     def train(self, trainer=None, **kwargs: Any):
         """Train with MoEDetectionTrainer; MoE settings given at construction reach the trainer's model build."""
         return super().train(trainer=trainer, **{**self.moe_overrides, **kwargs})
+
+    def load(self, weights: str | Path | nn.Module = "yolo11n.pt") -> VisionMoE:
+        """Load MoE weights, or upcycle from a dense YOLO11 checkpoint of the same family (shared layers copied,
+        experts copied from the dense blocks they replace, routers fresh); the upcycle report is in `upcycled`."""
+        self._check_is_pytorch_model()
+        dense, _ = load_checkpoint(weights) if isinstance(weights, (str, Path)) else (weights, None)
+        if isinstance(dense, MoEModel):
+            return super().load(weights)
+        self.upcycled = upcycle(self.model, dense, source=str(weights) if isinstance(weights, (str, Path)) else None)
+        self.ckpt, self.ckpt_path = {"model": self.model}, None  # train() then starts from the upcycled weights
+        self.predictor = None
+        return self
+
+    def export(self, **kwargs: Any) -> str:
+        """Export to ONNX with static top-k that keeps the sparsity (moe_dispatch=dense runs every expert instead).
+
+        Takes Ultralytics' export arguments (format=onnx, imgsz, batch, opset=17, ...) plus `moe_dispatch`;
+        settings that cannot give a static graph (dynamic=True, nms=True, other formats, ...) are refused.
+        """
+        from ...export import MoEExporter  # onnx tooling loads only when exporting
+
+        self._check_is_pytorch_model()
+        custom = {"imgsz": self.model.args["imgsz"], "batch": 1, "data": None, "device": None, "verbose": False}
+        args = {**self.overrides, **custom, **kwargs, "mode": "export"}  # Model.export's defaults and priorities
+        return MoEExporter(overrides=args, _callbacks=self.callbacks)(model=self.model)
+
+    def analyze(self, data: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Routing analysis on the dataset's val split (or `split=`): expert utilisation, entropy, dead/dominant
+        experts, drop rate, routing matrices and NMI by class, object size and domain, and routing maps.
+
+        Takes Ultralytics' val arguments (imgsz, batch, device, split, project, name, ...); `data` defaults to the
+        checkpoint's training data. Writes analysis.json, analysis.md and PNGs to runs/detect/analyze (or
+        project/name) and returns the analysis.json contents.
+        """
+        self._check_is_pytorch_model()
+        args = {**self.overrides, "rect": True, "plots": False, **kwargs}  # plots: Ultralytics' own val figures
+        args["data"] = data or args.get("data")
+        if not args["data"]:
+            raise ValueError("analyze needs a dataset: pass data=path/to/data.yaml")
+        return analyze(self.model, args, self.callbacks)
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:

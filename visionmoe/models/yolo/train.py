@@ -14,11 +14,12 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
-from ...analysis.report import write_analysis
+from ...analysis.report import run_info, write_analysis
 from ...analysis.utilisation import UtilisationTracker
 from ...analysis.validator import RoutingValidator
 from ...nn.settings import check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
+from ...nn.upcycle import upcycle
 from ...utils import use_allowed_cpus
 
 UTILISATION_CSV = "expert_utilisation.csv"
@@ -81,13 +82,16 @@ class MoEDetectionTrainer(DetectionTrainer):
         return saved
 
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> MoEModel:
-        """Build the MoE model for this dataset's classes, optionally loading weights."""
+        """Build the MoE model for this dataset's classes, optionally loading weights; dense weights
+        (`pretrained=yolo11n.pt`) upcycle it: experts start from the dense blocks they replace."""
         model = build_model(
             cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, **self.moe_overrides
         )
         model = self.set_model_names_for_load(model)
-        if weights:
+        if isinstance(weights, MoEModel):
             model.load(weights)
+        elif weights:
+            upcycle(model, weights, verbose=verbose and RANK in {-1, 0})
         return model
 
 
@@ -133,4 +137,5 @@ def _write_routing_summary(trainer: MoEDetectionTrainer) -> None:
     """Summarise the routing of the last validation (the final one on best.pt) in the run folder; no figures."""
     routing = getattr(trainer.validator, "routing", None) if RANK in {-1, 0} else None
     if routing is not None and routing.layers:
-        write_analysis(routing, trainer.save_dir, {"model": str(trainer.best), "data": str(trainer.args.data)}, False)
+        info = run_info(trainer.args, trainer.metrics, model=trainer.best)
+        write_analysis(routing, trainer.save_dir, info, plots=False)
