@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 
 def packaged_dir(name: str) -> Path:
-    """Folder of packaged YAMLs: `cfg` or `datasets`, from an install or from a source checkout."""
-    try:
-        return Path(str(resources.files(f"visionmoe.{name}")))
-    except ModuleNotFoundError:  # running from a checkout where the top-level folder is not mapped into the package
-        return Path(__file__).resolve().parents[2] / name
+    """Folder of packaged YAMLs, `cfg` or `datasets`: inside an installed package, else at a checkout's top level."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / name  # setuptools maps the top-level folders into the package (pyproject.toml)
+    return installed if installed.is_dir() else package.parent / name
 
 
 def allowed_cpus() -> int:
