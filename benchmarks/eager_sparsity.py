@@ -1,6 +1,6 @@
 """Eager PyTorch CPU latency of the YOLO-MoE: cost follows top_k, not the number of experts.
 
-Prints, measured side by side in one run (median of --runs after warmup):
+Prints, measured side by side in one run (medians of --runs interleaved rounds after warmup):
   E=16 over E=4 at k=1 (sparse: should stay near 1), k=2 over k=1 at E=8, and dense dispatch over sparse at E=8.
 
     python benchmarks/eager_sparsity.py [--scale n] [--imgsz 640] [--batch 1] [--runs 20]
@@ -14,12 +14,7 @@ import torch
 
 from visionmoe.nn.tasks import build_model
 from visionmoe.utils import allowed_cpus
-from visionmoe.utils.latency import median_ms
-
-
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
-    with torch.no_grad():
-        return median_ms(lambda: model(x), runs)
+from visionmoe.utils.latency import interleaved_median_ms
 
 
 def main() -> None:
@@ -41,7 +36,11 @@ def main() -> None:
         return m
 
     configs = {"E4 k1": (4, 1), "E16 k1": (16, 1), "E8 k1": (8, 1), "E8 k2": (8, 2), "E8 k1 dense": (8, 1, "dense")}
-    ms = {name: latency_ms(model(*cfg), x, args.runs) for name, cfg in configs.items()}
+    models = {name: model(*cfg) for name, cfg in configs.items()}
+    with torch.inference_mode():
+        ms = interleaved_median_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, args.runs)
+    print(f"visionmoe-yolo-{args.scale}, eager PyTorch CPU ({torch.get_num_threads()} threads), imgsz {args.imgsz}, "
+          f"batch {args.batch}, median of {args.runs} interleaved rounds")  # fmt: skip
     for name, value in ms.items():
         print(f"{name:>12}: {value:8.1f} ms")
     print(f"E=16 / E=4 at k=1 (sparse):   {ms['E16 k1'] / ms['E4 k1']:.3f}x")

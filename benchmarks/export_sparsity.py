@@ -11,15 +11,14 @@ Models are built from the packaged YAML with random weights (latency does not de
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from visionmoe import VisionMoE
+from visionmoe.utils.latency import interleaved_median_ms
 
 
 def export(folder: Path, name: str, experts: int, dispatch: str, imgsz: int, scale: str) -> Path:
@@ -28,18 +27,11 @@ def export(folder: Path, name: str, experts: int, dispatch: str, imgsz: int, sca
     return Path(model.export(format="onnx", imgsz=imgsz, batch=1, moe_dispatch=dispatch))
 
 
-def latency_ms(path: Path, imgsz: int, runs: int, warmup: int) -> float:
-    """Median wall time of one batch-1 inference on the CPU provider."""
+def session_run(path: Path, imgsz: int):
+    """A batch-1 inference of the ONNX file on the CPU provider, as a zero-argument callable."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = {"images": np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
-    for _ in range(warmup):
-        session.run(None, x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, x)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return lambda: session.run(None, x)
 
 
 def main() -> None:
@@ -58,10 +50,10 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         paths = {n: export(Path(tmp), n, e, d, args.imgsz, args.scale) for n, (e, d) in variants.items()}
-        ms = {n: latency_ms(p, args.imgsz, args.runs, args.warmup) for n, p in paths.items()}
+        ms = interleaved_median_ms({n: session_run(p, args.imgsz) for n, p in paths.items()}, args.runs, args.warmup)
 
     print(f"\nONNX Runtime {ort.__version__} CPU, visionmoe-yolo-{args.scale}, imgsz {args.imgsz}, batch 1, top_k=1, "
-          f"median of {args.runs} runs after {args.warmup} warmup")  # fmt: skip
+          f"median of {args.runs} interleaved rounds after {args.warmup} warmup")  # fmt: skip
     for name, t in ms.items():
         print(f"  {name:<11} {t:8.1f} ms")
     print(f"  16 / 4 experts (static):   {ms['e16-static'] / ms['e4-static']:.3f}  (target <= 1.15)")

@@ -11,9 +11,7 @@ Latencies are medians over rounds that run every model once each, so load from o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
@@ -21,20 +19,7 @@ from visionmoe.nn import build_model
 from visionmoe.nn.vit import dense_baseline
 from visionmoe.utils import allowed_cpus
 from visionmoe.utils.flops import active_gflops
-
-
-def latencies(models: dict[str, torch.nn.Module], imgsz: int, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per batch-1 eager forward of each model, rounds interleaved across models."""
-    x = torch.zeros(1, 3, imgsz, imgsz)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for r in range(warmup + rounds):
-            for name, model in models.items():
-                t = time.perf_counter()
-                model(x)
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(t) for name, t in times.items()}
+from visionmoe.utils.latency import interleaved_median_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,16 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     models = {"dense": dense_baseline(build()), "E=4": build(experts=4), "E=8": build(experts=8)}
     models["E=16"] = build(experts=16)
     gflops = {name: active_gflops(m, args.imgsz) for name, m in models.items()}
-    seconds = latencies(models, args.imgsz, args.rounds)
+    x = torch.zeros(1, 3, args.imgsz, args.imgsz)
+    with torch.inference_mode():
+        ms = interleaved_median_ms({name: (lambda m=m: m(x)) for name, m in models.items()}, args.rounds, warmup=2)
 
     print(f"{cfg} top_k=1, imgsz {args.imgsz}, batch 1, {torch.get_num_threads()} threads, {args.rounds} rounds")
     print(f"{'model':>6} {'GFLOPs':>8} {'latency ms':>11}")
     for name in models:
-        print(f"{name:>6} {gflops[name]:8.2f} {seconds[name] * 1e3:11.1f}")
+        print(f"{name:>6} {gflops[name]:8.2f} {ms[name]:11.1f}")
     checks = [
         ("active GFLOPs E=8 / dense", gflops["E=8"] / gflops["dense"], 1.10),
-        ("latency E=8 / dense", seconds["E=8"] / seconds["dense"], 1.15),
-        ("latency E=16 / E=4", seconds["E=16"] / seconds["E=4"], 1.10),
+        ("latency E=8 / dense", ms["E=8"] / ms["dense"], 1.15),
+        ("latency E=16 / E=4", ms["E=16"] / ms["E=4"], 1.10),
     ]
     for label, ratio, limit in checks:
         print(f"{label:>26}: {ratio:.3f} (target <= {limit}) {'ok' if ratio <= limit else 'MISSED'}")

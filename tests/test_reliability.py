@@ -51,6 +51,25 @@ def test_sigkill_after_first_epoch_then_resume(tmp_path, coco8):
     assert steps == {4}
 
 
+def test_ctrl_c_during_training_leaves_a_loadable_last_pt(tmp_path, coco8):
+    run = tmp_path / "train"
+    exe = Path(sys.executable).with_name("visionmoe")
+    proc = subprocess.Popen(
+        [str(exe), "train", *TRAIN, "epochs=50", f"project={tmp_path}", "name=train"],
+        env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (run / "weights" / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended or stalled before its first save"
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it get into the next epochs, and possibly into a save
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    VisionMoE(run / "weights" / "last.pt").predict(str(coco8 / "images" / "val"), imgsz=64)
+
+
 def test_same_seed_deterministic_runs_match(tmp_path, coco8):
     for name in ("a", "b"):
         r = run_cli(

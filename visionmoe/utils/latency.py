@@ -31,6 +31,19 @@ def median_ms(
     return 1000 * statistics.median(times)
 
 
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each `fn()`, run in interleaved rounds (one call of each per round), so that load from
+    other processes hits every variant alike and their ratios stay meaningful on a shared machine."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def torch_latency_ms(model: BaseModel, imgsz: int, device: str = "cpu", runs: int = 20) -> float:
     """Eager latency of a fused fp32 copy of `model` on one imgsz x imgsz image (on every allowed CPU core)."""
     if device == "cpu":
