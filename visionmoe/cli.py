@@ -9,7 +9,6 @@ from typing import Any
 from ultralytics.cfg import DEFAULT_CFG_DICT, parse_key_value_pair
 from ultralytics.utils import ASSETS, LOGGER
 
-from .data import find_data_yaml
 from .data.synth import DEFAULT_IMAGES, DEFAULT_IMGSZ, generate
 from .data.synth import NAME as SYNTH_NAME
 from .engine.compare import COMPARE_KEYS, DEFAULT_MODELS, compare
@@ -99,8 +98,6 @@ def run(argv: list[str]) -> Any:
         return None
     if mode == "data":
         return generate(**overrides)
-    if "data" in overrides:
-        overrides["data"] = find_data_yaml(overrides["data"])  # packaged dataset names, e.g. synth-shapes.yaml
     if mode == "compare":
         return compare(moe=moe, **overrides)
     if mode == "analyze" and "model" not in overrides:

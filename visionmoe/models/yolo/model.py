@@ -15,6 +15,7 @@ from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils import RANK
 
 from ...analysis import analyze
+from ...data import find_data_yaml
 from ...nn.settings import check_keys
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
@@ -67,6 +68,12 @@ class VisionMoE(Model):
         check_image_files(source)
         return super().predict(source, stream=stream, predictor=predictor, **kwargs)
 
+    def val(self, validator=None, **kwargs: Any):
+        """Ultralytics val; packaged dataset names (synth-shapes.yaml) resolve like in train."""
+        if kwargs.get("data"):
+            kwargs["data"] = find_data_yaml(kwargs["data"])
+        return super().val(validator=validator, **kwargs)
+
     def train(self, trainer=None, **kwargs: Any):
         """Train with MoEDetectionTrainer; MoE settings given at construction reach the trainer's model build."""
         return super().train(trainer=trainer, **{**self.moe_overrides, **kwargs})
@@ -109,6 +116,7 @@ class VisionMoE(Model):
         args["data"] = data or args.get("data")
         if not args["data"]:
             raise ValueError("analyze needs a dataset: pass data=path/to/data.yaml")
+        args["data"] = find_data_yaml(args["data"])
         return analyze(self.model, args, self.callbacks)
 
     @property

@@ -17,6 +17,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from ...analysis.report import run_info, write_analysis
 from ...analysis.utilisation import UtilisationTracker
 from ...analysis.validator import RoutingValidator
+from ...data import find_data_yaml
 from ...nn.settings import check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
@@ -43,6 +44,7 @@ class MoEDetectionTrainer(DetectionTrainer):
         else:
             check_keys(self.moe_overrides, "MoE settings")
         if isinstance(overrides.get("data"), str) and not overrides.get("resume"):
+            overrides["data"] = str(find_data_yaml(overrides["data"]))  # packaged names, e.g. synth-shapes.yaml
             check_usable_images(check_det_dataset(overrides["data"]))  # fail before any run folder exists
         super().__init__(cfg, overrides, _callbacks)
         if self.moe_overrides and isinstance(self.model, (str, Path)) and not self.resume:
