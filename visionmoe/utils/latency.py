@@ -15,33 +15,29 @@ from ultralytics.nn.tasks import BaseModel
 from . import allowed_cpus
 
 
-def median_ms(
-    fn: Callable[[], object], runs: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None
-) -> float:
-    """Median milliseconds of `fn()` over `runs` calls after `warmup` calls; `sync` waits for async devices."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
-def interleaved_median_ms(fns: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each `fn()`, run in interleaved rounds (one call of each per round), so that load from
-    other processes hits every variant alike and their ratios stay meaningful on a shared machine."""
+def interleaved_median_ms(
+    fns: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """Median milliseconds of each `fn()` after `warmup` calls, run in interleaved rounds (one call of each per
+    round), so that load from other processes hits every variant alike and their ratios stay meaningful on a shared
+    machine; `sync` waits for async devices."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + runs):
         for name, fn in fns.items():
             t = time.perf_counter()
             fn()
+            if sync:
+                sync()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def median_ms(
+    fn: Callable[[], object], runs: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None
+) -> float:
+    """Median milliseconds of `fn()` over `runs` calls after `warmup` calls; `sync` waits for async devices."""
+    return interleaved_median_ms({"fn": fn}, runs, warmup, sync)["fn"]
 
 
 def torch_latency_ms(model: BaseModel, imgsz: int, device: str = "cpu", runs: int = 20) -> float:
