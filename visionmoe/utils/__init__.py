@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
 import torch
+from ultralytics.data.utils import IMG_FORMATS
 
 
 def packaged_dir(name: str) -> Path:
@@ -13,6 +15,16 @@ def packaged_dir(name: str) -> Path:
     package = Path(__file__).resolve().parents[1]
     installed = package / name  # setuptools maps the top-level folders into the package (pyproject.toml)
     return installed if installed.is_dir() else package.parent / name
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether the file name has an image suffix Ultralytics loads."""
+    return Path(path).suffix[1:].lower() in IMG_FORMATS
+
+
+def readable_image(path: str | Path) -> bool:
+    """Whether OpenCV can decode the file (reads its header only, so a check over many files stays cheap)."""
+    return cv2.haveImageReader(str(path))
 
 
 def allowed_cpus() -> int:

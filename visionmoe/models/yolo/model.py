@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
 from torch import nn
 from ultralytics.cfg import DEFAULT_CFG_DICT
-from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.engine.model import Model
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidator
 from ultralytics.nn.tasks import load_checkpoint
@@ -19,6 +17,7 @@ from ...data import find_data_yaml
 from ...nn.settings import check_keys
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
+from ...utils import is_image_file, readable_image
 from .train import MoEDetectionTrainer
 
 DEFAULT_MODEL = "visionmoe-yolo-n.yaml"
@@ -27,8 +26,8 @@ DEFAULT_MODEL = "visionmoe-yolo-n.yaml"
 def check_image_files(source: Any) -> None:
     """Raise a one-line error for an image file (or list of them) that OpenCV cannot decode."""
     for item in source if isinstance(source, (list, tuple)) else [source]:
-        if isinstance(item, (str, Path)) and Path(item).suffix[1:].lower() in IMG_FORMATS and Path(item).is_file():
-            if not cv2.haveImageReader(str(item)):
+        if isinstance(item, (str, Path)) and is_image_file(item) and Path(item).is_file():
+            if not readable_image(item):
                 raise ValueError(f"cannot read image '{item}': it is corrupt or not an image; pass a readable image file")
 
 

@@ -7,9 +7,8 @@ from copy import copy
 from pathlib import Path
 from typing import Any
 
-import cv2
 from ultralytics.cfg import DEFAULT_CFG
-from ultralytics.data.utils import IMG_FORMATS, check_det_dataset
+from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import RANK
 from ultralytics.utils.torch_utils import unwrap_model
@@ -21,7 +20,7 @@ from ...data import find_data_yaml
 from ...nn.settings import check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
-from ...utils import use_allowed_cpus
+from ...utils import is_image_file, readable_image, use_allowed_cpus
 
 UTILISATION_CSV = "expert_utilisation.csv"
 
@@ -105,7 +104,7 @@ def check_usable_images(data: dict[str, Any]) -> None:
     for split in ("train", "val"):
         folders = data[split] if isinstance(data[split], list) else [data[split]]
         files = [f for folder in folders for f in _image_files(Path(folder))]
-        if not any(cv2.haveImageReader(str(f)) for f in files):
+        if not any(readable_image(f) for f in files):
             raise ValueError(
                 f"no usable image in the '{split}' split of {data.get('yaml_file', 'the dataset')} "
                 f"({len(files)} image files, none readable): check the images under {', '.join(map(str, folders))}"
@@ -114,7 +113,7 @@ def check_usable_images(data: dict[str, Any]) -> None:
 
 def _image_files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(f for f in path.rglob("*.*") if f.suffix[1:].lower() in IMG_FORMATS)
+        return sorted(f for f in path.rglob("*.*") if is_image_file(f))
     if path.suffix == ".txt":  # a list of image paths, relative to the list's folder
         lines = (line.strip() for line in path.read_text().splitlines())
         return [path.parent / line if not Path(line).is_absolute() else Path(line) for line in lines if line]
