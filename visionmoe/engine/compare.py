@@ -2,7 +2,8 @@
 
 Every model trains on the same data with the same arguments, once per seed (dense YOLO through `ultralytics.YOLO`,
 MoE through `VisionMoE`), on the same CPU threads. Each model's size, active GFLOPs (`active_gflops` for both
-families) and batch-1 latencies are measured once, on its first finished seed. Results go to
+families) and ONNX export come from its first finished seed; the batch-1 latencies of all models are then measured
+side by side, each runtime in interleaved rounds with no other runtime's threads alive (utils.latency). Results go to
 runs/compare/NAME (project=/name=, incremented as Ultralytics does): a json per finished run and per model profile,
 then compare.csv, compare.md and two plots. With exist_ok=True the folder is reused and finished runs are skipped.
 """
@@ -30,7 +31,7 @@ from ..models.yolo.model import VisionMoE
 from ..nn.tasks import MOE_BLOCKS, MoEModel, find_model_yaml
 from ..utils import allowed_cpus, use_allowed_cpus
 from ..utils.flops import active_gflops
-from ..utils.latency import onnx_latency_ms, torch_latency_ms
+from ..utils.latency import exported_latency_ms, torch_latency_ms
 
 COMPARE_KEYS = ("models", "seeds")  # visionmoe-only keys; all other keys are training arguments
 CONTROLLED_KEYS = {"model": "models=", "seed": "seeds="}  # set per run by compare itself
@@ -132,9 +133,9 @@ def _failure(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
 
 
-def profile(entry: Entry, weights: str, imgsz: int) -> dict[str, Any]:
-    """Size, active GFLOPs and batch-1 latencies of trained weights; a latency that cannot be measured holds
-    the reason instead of a number."""
+def profile(entry: Entry, weights: str, imgsz: int, folder: Path) -> dict[str, Any]:
+    """Size and active GFLOPs of trained weights, and their batch-1 ONNX export into `folder` (its path under
+    'onnx', or the reason it failed under 'onnx_cpu_ms')."""
     model = load(entry, weights)
     net = model.model
     params = sum(p.numel() for p in net.parameters())
@@ -142,25 +143,33 @@ def profile(entry: Entry, weights: str, imgsz: int) -> dict[str, Any]:
         "params": params,
         "active_params": net.active_params() if entry.moe else params,
         "active_GFLOPs": active_gflops(net, imgsz),
-        "torch_cpu_ms": torch_latency_ms(net, imgsz, "cpu"),
     }
     try:
-        onnx = model.export(format="onnx", imgsz=imgsz, simplify=False, device="cpu")
+        exported = model.export(format="onnx", imgsz=imgsz, batch=1, simplify=False, device="cpu")
+        result["onnx"] = str(Path(exported).replace(folder / f"{entry.label}.onnx"))
     except Exception as e:  # one model's export failing must not stop the comparison
-        onnx, result["onnx_cpu_ms"] = None, _failure(e)
-    if onnx:
-        result["onnx_cpu_ms"] = onnx_latency_ms(onnx)
-    if torch.cuda.is_available():
-        import onnxruntime as ort
-
-        result["torch_gpu_ms"] = torch_latency_ms(net, imgsz, "cuda")
-        if not onnx:
-            result["onnx_gpu_ms"] = result["onnx_cpu_ms"]
-        elif "CUDAExecutionProvider" in ort.get_available_providers():
-            result["onnx_gpu_ms"] = onnx_latency_ms(onnx, "CUDAExecutionProvider")
-        else:
-            result["onnx_gpu_ms"] = "n/a: onnxruntime has no CUDAExecutionProvider"
+        result["onnx_cpu_ms"] = _failure(e)
     return result
+
+
+def measure_latency(entries: list[Entry], runs: dict, profiles: dict, imgsz: int) -> dict[str, dict[str, Any]]:
+    """Batch-1 latencies of every profiled model, each runtime's models timed side by side in interleaved rounds:
+    eager PyTorch here, ONNX Runtime in a child process (see utils.latency), so no thread pool disturbs another."""
+    done = [e for e in entries if e.label in profiles]
+    nets = {e.label: load(e, runs[e.label][min(runs[e.label])]["weights"]).model for e in done}
+    onnx = {e.label: profiles[e.label]["onnx"] for e in done if "onnx" in profiles[e.label]}
+    latency: dict[str, dict[str, Any]] = {e.label: {} for e in done}
+    devices = {"cpu": "cpu", "gpu": "cuda"} if torch.cuda.is_available() else {"cpu": "cpu"}
+    for column, device in devices.items():
+        for label, ms in torch_latency_ms(nets, imgsz, device).items():
+            latency[label][f"torch_{column}_ms"] = ms
+        try:
+            timed = exported_latency_ms(onnx, "onnxruntime", imgsz, device=device) if onnx else {}
+        except RuntimeError as e:  # e.g. no CUDAExecutionProvider in this onnxruntime
+            timed = dict.fromkeys(onnx, _failure(e))
+        for label in latency:
+            latency[label][f"onnx_{column}_ms"] = timed.get(label, profiles[label].get("onnx_cpu_ms"))
+    return latency
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -341,12 +350,15 @@ def compare(models: str | list[str] | None = None, seeds: int = 3, moe: dict | N
         elif runs[e.label]:
             first = runs[e.label][min(runs[e.label])]
             try:
-                profiles[e.label] = profile(e, first["weights"], imgsz)
+                profiles[e.label] = profile(e, first["weights"], imgsz, folder)
                 profile_file.write_text(json.dumps(profiles[e.label], indent=2))
             except Exception as err:
                 failures[e.label]["profile"] = _failure(err)
                 LOGGER.warning(f"compare: measuring {e.label} {failures[e.label]['profile']}")
     pbar.close()
+    LOGGER.info("compare: timing every model side by side")
+    for label, ms in measure_latency(entries, runs, profiles, imgsz).items():
+        profiles[label] = {k: v for k, v in profiles[label].items() if k != "onnx"} | ms
 
     rows = summarise(entries, runs, profiles, failures)
     ref = next((r["model"] for r in rows if r.get("vs_noise") == "reference"), None)

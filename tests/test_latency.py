@@ -1,0 +1,41 @@
+"""Latency helpers: ONNX Runtime sessions never spin idle, exported models are timed in a child process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visionmoe.utils.latency import SPINNING_OFF, exported_latency_ms, ort_session, torch_latency_ms
+from visionmoe.nn.tasks import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("latency") / "conv.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 8, 3, padding=1), torch.rand(1, 3, 32, 32), str(path), dynamo=False)
+    return path
+
+
+def test_ort_sessions_never_spin(tiny_onnx):
+    options = ort_session(tiny_onnx, threads=1).get_session_options()
+    for key, value in SPINNING_OFF.items():
+        assert options.get_session_config_entry(key) == value
+    assert options.intra_op_num_threads == 1
+
+
+def test_exported_models_timed_side_by_side_in_a_child(tiny_onnx):
+    ms = exported_latency_ms({"a": tiny_onnx, "b": tiny_onnx}, "onnxruntime", 32, runs=3, warmup=1)
+    assert set(ms) == {"a", "b"} and all(t > 0 for t in ms.values())
+
+
+def test_child_failure_and_unknown_runtime_are_one_line_errors(tmp_path):
+    with pytest.raises(RuntimeError, match="timing onnxruntime models failed"):
+        exported_latency_ms({"missing": tmp_path / "missing.onnx"}, "onnxruntime", 32, runs=1, warmup=0)
+    with pytest.raises(ValueError, match="unknown runtime 'tflite'"):
+        exported_latency_ms({}, "tflite")
+
+
+def test_torch_models_timed_together():
+    models = {k: build_model("visionmoe-yolo-n.yaml", verbose=False, experts=k) for k in (2, 4)}
+    ms = torch_latency_ms(models, 64, runs=2, warmup=1)
+    assert set(ms) == {2, 4} and all(t > 0 for t in ms.values())
