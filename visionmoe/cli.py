@@ -11,12 +11,13 @@ from ultralytics.utils import ASSETS, LOGGER
 
 from .data.synth import DEFAULT_IMAGES, DEFAULT_IMGSZ, generate
 from .data.synth import NAME as SYNTH_NAME
+from .engine.benchmark import BENCHMARK_ARGS, benchmark
 from .engine.compare import COMPARE_KEYS, DEFAULT_MODELS, compare
 from .export import EXPORT_DISPATCHES, EXPORT_KEYS
 from .models.yolo.model import DEFAULT_MODEL
 from .nn.settings import MoESettings, pop_moe_overrides
 
-MODES = ("train", "val", "predict", "export", "analyze", "compare", "data", "info", "help")
+MODES = ("train", "val", "predict", "export", "analyze", "compare", "benchmark", "data", "info", "help")
 SYNTH_DEFAULTS = {"out": f"DATASETS_DIR/{SYNTH_NAME}", "seed": 0, "images": DEFAULT_IMAGES, "imgsz": DEFAULT_IMGSZ}
 COMPARE_DEFAULTS = {"models": ",".join(DEFAULT_MODELS), "seeds": 3}
 
@@ -41,6 +42,7 @@ Examples:
   visionmoe analyze model=runs/detect/train/weights/best.pt data=coco8.yaml   # routing analysis of the val split
   visionmoe info model=visionmoe-yolo-m.yaml
   visionmoe compare data=synth-shapes.yaml models=visionmoe-yolo-n.yaml,yolo11n.yaml epochs=10 imgsz=128 seeds=3
+  visionmoe benchmark model=visionmoe-yolo-n.yaml imgsz=640   # every format, side by side with YOLO11n
   visionmoe data synth out=datasets/synth-shapes seed=0 images={DEFAULT_IMAGES} imgsz={DEFAULT_IMGSZ}
 """
 
@@ -60,6 +62,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     valid = [*DEFAULT_CFG_DICT, *MoESettings.keys(), *(EXPORT_KEYS if mode == "export" else ())]
     if mode == "compare":
         valid += COMPARE_KEYS
+    if mode == "benchmark":
+        valid = [*BENCHMARK_ARGS, *MoESettings.keys()]
     if mode == "data":
         if pairs[:1] != ["synth"]:
             raise UsageError("data needs a tool: 'visionmoe data synth [out=DIR seed=0 images=N imgsz=S]'")
@@ -81,6 +85,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
 def _default(key: str, mode: str) -> Any:
     if mode == "data":
         return SYNTH_DEFAULTS[key]
+    if mode == "benchmark" and key in BENCHMARK_ARGS:
+        return BENCHMARK_ARGS[key]
     if key in COMPARE_DEFAULTS:
         return COMPARE_DEFAULTS[key]
     if key in EXPORT_KEYS:
@@ -100,6 +106,8 @@ def run(argv: list[str]) -> Any:
         return generate(**overrides)
     if mode == "compare":
         return compare(moe=moe, **overrides)
+    if mode == "benchmark":
+        return benchmark(**overrides, **moe)
     if mode == "analyze" and "model" not in overrides:
         raise UsageError("analyze needs a trained model: pass model=path/to/best.pt")
     model = VisionMoE(overrides.pop("model", DEFAULT_MODEL), **moe)

@@ -1,0 +1,168 @@
+"""`visionmoe benchmark`: one MoE model and the dense YOLO11 it replaces, in every deployable format, side by side.
+
+In the spirit of `yolo benchmark`: each model is exported to every format available here (PyTorch, ONNX in each
+sparse MoE form, OpenVINO, TorchScript, TensorRT where a GPU and tensorrt are present), then every export is
+validated on the same data and timed at batch 1. Latencies of one runtime are measured together in interleaved
+rounds in a child process of their own (utils.latency), so the MoE / YOLO11 ratio of each format is clean.
+Results: a table in the log and benchmark.csv in runs/detect/benchmark (project=/name= as for val).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from ultralytics import YOLO
+from ultralytics.utils import LOGGER, RUNS_DIR
+from ultralytics.utils.files import file_size, increment_path
+
+from ..data import find_data_yaml
+from ..models.yolo.model import DEFAULT_MODEL, VisionMoE
+from ..nn.tasks import find_model_yaml
+from ..utils.latency import exported_latency_ms, torch_latency_ms
+
+DEFAULT_DATA = "synth-shapes.yaml"
+# The arguments `visionmoe benchmark` takes (besides MoE settings), with their defaults
+BENCHMARK_ARGS = {"model": DEFAULT_MODEL, "data": DEFAULT_DATA, "imgsz": 640, "baseline": "yolo11<scale>.yaml",
+                  "device": "cpu", "project": "runs/detect", "name": "benchmark"}  # fmt: skip
+YOLO_SCALES = "nsmlx"
+# (format, MoE export form, runtime that times it); PyTorch is timed in-process
+FORMATS = (
+    ("onnx", "branch", "onnxruntime"),
+    ("onnx", "gather", "onnxruntime"),
+    ("openvino", None, "openvino"),
+    ("torchscript", None, "torchscript"),
+    ("engine", None, "tensorrt"),
+)
+COLUMNS = ("model", "family", "format", "moe_form", "size_MB", "mAP50-95", "latency_ms", "latency_vs_dense")
+
+
+def tensorrt_available() -> bool:
+    """TensorRT engines build only where the tensorrt package and a CUDA GPU are both present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
+
+
+def dense_baseline(model: VisionMoE, name: str) -> str:
+    """The dense YOLO11 of the MoE model's scale (same active FLOPs at top_k=1)."""
+    scale = model.model.yaml.get("scale")
+    if scale is None and str(name).endswith((".yaml", ".yml")):
+        scale = find_model_yaml(name)[1]
+    if scale not in tuple(YOLO_SCALES):
+        raise ValueError(
+            f"'{name}' has no YOLO11 scale to compare with (scale {scale!r}); pass the dense model as baseline=..."
+        )
+    return f"yolo11{scale}.yaml"
+
+
+def _export(model: VisionMoE | YOLO, folder: Path, fmt: str, imgsz: int, device: str, form: str | None) -> str:
+    """Export into its own folder, so forms and formats never overwrite each other."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.model.pt_path = str(folder / f"{folder.name}.pt")  # exporters write next to the model's .pt path
+    args: dict[str, Any] = {"format": fmt, "imgsz": imgsz, "batch": 1, "device": device}
+    if isinstance(model, VisionMoE):
+        args["moe_dispatch"] = form or "auto"
+    elif fmt in {"onnx", "engine"}:
+        args["simplify"] = False  # the MoE exports are folded by onnxscript, not onnxslim, which may be absent
+    return model.export(**args)
+
+
+def benchmark(
+    model: str = DEFAULT_MODEL,
+    data: str = DEFAULT_DATA,
+    imgsz: int = 640,
+    baseline: str | None = None,
+    device: str = "cpu",
+    project: str | None = None,
+    name: str | None = None,
+    **moe: Any,
+) -> list[dict[str, Any]]:
+    """Export, validate and time `model` and its dense baseline in every available format; returns the table rows.
+
+    Args:
+        model: MoE model YAML or weights.
+        data: Dataset whose val split gives mAP50-95 (default: the packaged synth set).
+        imgsz: Square image size of every export and of validation.
+        baseline: Dense model YAML or weights (default: the YOLO11 of the MoE model's scale).
+        device: 'cpu', or a GPU index for GPU runtimes (TensorRT).
+        project, name: Where the run folder goes (default runs/detect/benchmark, incremented).
+        **moe: MoE settings (experts=8, ...) applied when `model` is a YAML.
+    """
+    data = str(find_data_yaml(data))
+    moe_model = VisionMoE(model, **moe)
+    dense_name = baseline or dense_baseline(moe_model, model)
+    dense_model = YOLO(dense_name)
+    save_dir = increment_path(Path(project or RUNS_DIR / "detect") / (name or "benchmark"), mkdir=True)
+    labels = {"moe": Path(model).stem, "dense": Path(dense_name).stem}
+    gpu = str(device) not in {"cpu", "mps"}
+    LOGGER.info(f"benchmark: {labels['moe']} against {labels['dense']}, imgsz {imgsz}, data {data} -> {save_dir}")
+
+    rows: list[dict[str, Any]] = []
+    for family, m in (("moe", moe_model), ("dense", dense_model)):
+        rows.append({"model": labels[family], "family": family, "format": "pytorch", "moe_form": "", "obj": m,
+                     "size_MB": file_size(m.ckpt_path) if getattr(m, "ckpt_path", None) else ""})  # fmt: skip
+    for fmt, form, runtime in FORMATS:
+        if runtime == "tensorrt" and not (gpu and tensorrt_available()):
+            LOGGER.info("benchmark: skipping TensorRT (needs a CUDA GPU, device=0, and the tensorrt package)")
+            continue
+        for family, m in (("moe", moe_model), ("dense", dense_model)):
+            if family == "dense" and form == "gather":
+                continue  # one ONNX row for the dense model
+            moe_form = (form or "auto") if family == "moe" else ""
+            row = {"model": labels[family], "family": family, "format": fmt, "moe_form": moe_form, "runtime": runtime}
+            folder = save_dir / "exports" / "-".join(filter(None, (labels[family], fmt, moe_form)))
+            try:
+                row["path"] = _export(m, folder, fmt, imgsz, device, form)
+                row["size_MB"] = round(file_size(row["path"]), 2)
+            except Exception as e:  # a format that fails for one model is recorded, the others go on
+                row["status"] = f"export failed: {' '.join(str(e).split())[:160]}"
+            rows.append(row)
+
+    for row in rows:
+        if row.get("status"):
+            continue
+        loaded = row.get("obj") or (VisionMoE(row["path"]) if row["family"] == "moe" else YOLO(row["path"], task="detect"))
+        metrics = loaded.val(data=data, imgsz=imgsz, batch=1, device=device, plots=False, verbose=False,
+                             project=str(save_dir / "val"), name="-".join(filter(None, (row["model"], row["format"], row["moe_form"]))))  # fmt: skip
+        row["mAP50-95"] = round(float(metrics.box.map), 4)
+
+    _time(rows, imgsz, device, gpu)
+    for row in rows:
+        dense_ms = next((r.get("latency_ms") for r in rows if r["family"] == "dense" and r["format"] == row["format"]), None)
+        if isinstance(row.get("latency_ms"), float) and isinstance(dense_ms, float):
+            row["latency_vs_dense"] = round(row["latency_ms"] / dense_ms, 3)
+    _write(rows, save_dir)
+    return [{c: r.get(c, "") for c in (*COLUMNS, "status")} for r in rows]
+
+
+def _time(rows: list[dict[str, Any]], imgsz: int, device: str, gpu: bool) -> None:
+    """Batch-1 latency of every row: PyTorch models here, each runtime's exports together in a child process."""
+    torch_device = f"cuda:{device}" if gpu and str(device).isdigit() else ("cuda" if gpu else "cpu")
+    eager = [r for r in rows if r["format"] == "pytorch"]
+    ms = torch_latency_ms({r["family"]: r["obj"].model for r in eager}, imgsz, torch_device)
+    for r in eager:
+        r["latency_ms"] = round(ms[r["family"]], 2)
+    by_runtime: dict[str, list[dict]] = {}
+    for r in rows:
+        if "path" in r:
+            by_runtime.setdefault(r["runtime"], []).append(r)
+    for runtime, group in by_runtime.items():
+        dev = torch_device if runtime in {"tensorrt", "onnxruntime"} and gpu else "cpu"
+        ms = exported_latency_ms({str(i): r["path"] for i, r in enumerate(group)}, runtime, imgsz, device=dev)
+        for i, r in enumerate(group):
+            r["latency_ms"] = round(ms[str(i)], 2)
+
+
+def _write(rows: list[dict[str, Any]], save_dir: Path) -> None:
+    """benchmark.csv in the run folder, and the same table in the log."""
+    cols = (*COLUMNS, "status")
+    with open(save_dir / "benchmark.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
+    LOGGER.info("\n" + "\n".join(lines) + f"\nbenchmark: results saved to {save_dir / 'benchmark.csv'}")
