@@ -51,6 +51,43 @@ def test_sigkill_after_first_epoch_then_resume(tmp_path, coco8):
     assert steps == {4}
 
 
+# `visionmoe train` that SIGKILLs itself when it is about to save epoch 2's checkpoint: Ultralytics has written
+# epoch 2's results.csv row by then (save_metrics comes before save_model), so the kill lands in that window.
+KILL_BEFORE_SECOND_SAVE = """
+import os, signal, sys
+from visionmoe.cli import entrypoint
+from visionmoe.models.yolo.train import MoEDetectionTrainer
+
+save_model = MoEDetectionTrainer.save_model
+
+def kill_before_second_save(self):
+    if self.epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_model(self)
+
+MoEDetectionTrainer.save_model = kill_before_second_save
+sys.exit(entrypoint(sys.argv[1:]))
+"""
+
+
+def test_sigkill_between_results_row_and_checkpoint_logs_each_epoch_once(tmp_path):
+    run = tmp_path / "train"
+    args = ("train", *TRAIN, "epochs=4", f"project={tmp_path}", "name=train")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_SECOND_SAVE, *args], env={**os.environ, **OFFLINE_ENV}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # in the window: epoch 2 is logged, while last.pt holds epoch 1 (Ultralytics counts checkpoint epochs from 0)
+    assert [int(row["epoch"]) for row in results(run)] == [1, 2]
+    assert torch.load(run / "weights" / "last.pt", weights_only=False)["epoch"] == 0
+    r = run_cli("train", "resume=True", f"model={run / 'weights' / 'last.pt'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [int(row["epoch"]) for row in results(run)] == [1, 2, 3, 4]
+    shares = list(csv.DictReader(open(run / "expert_utilisation.csv")))
+    assert [int(row["epoch"]) for row in shares] == sorted(e for e in (1, 2, 3, 4) for _ in range(6 * 4))
+
+
 def test_ctrl_c_during_training_leaves_a_loadable_last_pt(tmp_path, coco8):
     run = tmp_path / "train"
     exe = Path(sys.executable).with_name("visionmoe")

@@ -10,7 +10,7 @@ from typing import Any
 from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import RANK
+from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from ...analysis.report import run_info, write_analysis
@@ -82,6 +82,17 @@ class MoEDetectionTrainer(DetectionTrainer):
                 os.replace(tmp, path)  # atomic on POSIX and Windows
         return saved
 
+    def resume_training(self, ckpt: dict[str, Any] | None) -> None:
+        """Ultralytics' resume, then drop the per-epoch log rows the checkpoint does not hold.
+
+        Ultralytics appends an epoch's results.csv row before it saves last.pt, so a kill between the two leaves a
+        row for an epoch that resume trains again; without this it would be logged twice.
+        """
+        super().resume_training(ckpt)
+        if ckpt is not None and self.resume and RANK in {-1, 0}:
+            for path in (self.csv, self.save_dir / UTILISATION_CSV):
+                drop_epochs_after(path, self.start_epoch)  # rows count epochs from 1: start_epoch is the last kept
+
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> MoEModel:
         """Build the MoE model for this dataset's classes, optionally loading weights; dense weights
         (`pretrained=yolo11n.pt`) upcycle it: experts start from the dense blocks they replace."""
@@ -94,6 +105,18 @@ class MoEDetectionTrainer(DetectionTrainer):
         elif weights:
             upcycle(model, weights, verbose=verbose and RANK in {-1, 0})
         return model
+
+
+def drop_epochs_after(path: Path, epoch: int) -> None:
+    """Rewrite a per-epoch CSV (first column 'epoch', counted from 1) without the rows after `epoch`, atomically."""
+    lines = path.read_bytes().splitlines(keepends=True) if path.is_file() else []  # bytes keep csv's \r\n as is
+    kept = lines[:1] + [row for row in lines[1:] if float(row.split(b",", 1)[0]) <= epoch]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, path)  # an interrupt leaves the old file or the new one, never a half-written one
+        LOGGER.warning(f"Resume: dropped {len(lines) - len(kept)} rows after epoch {epoch} from {path.name}, "
+                       "logged after the last checkpoint")  # fmt: skip
 
 
 def check_usable_images(data: dict[str, Any]) -> None:
