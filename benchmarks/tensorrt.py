@@ -17,7 +17,7 @@ from pathlib import Path
 from ultralytics import YOLO
 
 from visionmoe import VisionMoE
-from visionmoe.engine.benchmark import tensorrt_available
+from visionmoe.export.formats import tensorrt_available
 from visionmoe.utils.latency import exported_latency_ms
 
 FORMS = ("branch", "gather")

@@ -10,11 +10,9 @@ Results: a table in the log and benchmark.csv in runs/detect/benchmark (project=
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 from typing import Any
 
-import torch
 from ultralytics import YOLO
 from ultralytics.utils import LOGGER, RUNS_DIR
 from ultralytics.utils.files import file_size, increment_path
@@ -38,11 +36,6 @@ FORMATS = (
     ("engine", None, "tensorrt"),
 )
 COLUMNS = ("model", "family", "format", "moe_form", "size_MB", "mAP50-95", "latency_ms", "latency_vs_dense")
-
-
-def tensorrt_available() -> bool:
-    """TensorRT engines build only where the tensorrt package and a CUDA GPU are both present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
 
 
 def dense_baseline(model: VisionMoE, name: str) -> str:
@@ -90,6 +83,8 @@ def benchmark(
         project, name: Where the run folder goes (default runs/detect/benchmark, incremented).
         **moe: MoE settings (experts=8, ...) applied when `model` is a YAML.
     """
+    from ..export.formats import tensorrt_available  # export tooling loads only when used
+
     data = str(find_data_yaml(data))
     moe_model = VisionMoE(model, **moe)
     dense_name = baseline or dense_baseline(moe_model, model)
