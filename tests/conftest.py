@@ -1,7 +1,9 @@
 """Shared test setup: an offline, isolated Ultralytics config with COCO8 in a temporary datasets dir.
 
 The environment is set at import, before any test imports ultralytics, so that its settings file, fonts and
-datasets all live in a temp folder and nothing reaches the network.
+datasets all live in a temp folder and nothing reaches the network. COCO8 is copied from `$VISIONMOE_COCO8` or
+`../shared/datasets/coco8` when either holds it; otherwise a stand-in in COCO8's format is built from the images
+that the ultralytics wheel ships (coco8_offline.py), so a fresh clone tests offline too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from coco8_offline import build_coco8
+
 ROOT = Path(__file__).resolve().parents[1]
 TMP = Path(tempfile.mkdtemp(prefix="visionmoe-tests-"))
 OFFLINE_ENV = {
@@ -27,17 +31,21 @@ OFFLINE_ENV = {
 os.environ.update(OFFLINE_ENV)
 
 
-def _coco8_source() -> Path:
+def _coco8_source() -> Path | None:
     for candidate in (os.environ.get("VISIONMOE_COCO8"), ROOT.parent / "shared" / "datasets" / "coco8"):
         if candidate and (Path(candidate) / "images" / "val").is_dir():
             return Path(candidate)
-    raise RuntimeError("COCO8 not found: set VISIONMOE_COCO8 to a coco8 folder (images/, labels/)")
+    return None
 
 
 DATASETS = TMP / "datasets"
-shutil.copytree(_coco8_source(), DATASETS / "coco8")
-for path in DATASETS.rglob("*"):
-    path.chmod(0o755 if path.is_dir() else 0o644)  # the shared copy is read-only; label caches get written here
+COCO8_SOURCE = _coco8_source()
+if COCO8_SOURCE:
+    shutil.copytree(COCO8_SOURCE, DATASETS / "coco8")
+    for path in DATASETS.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # the shared copy is read-only; label caches get written here
+else:
+    build_coco8(DATASETS / "coco8")
 
 # Ultralytics reads datasets_dir into module constants at import, so the settings file is written by a separate
 # interpreter before this one imports ultralytics.
@@ -48,6 +56,11 @@ subprocess.run(
     check=True,
     capture_output=True,
 )
+
+
+def pytest_report_header() -> str:
+    """Say which COCO8 the session tests on."""
+    return f"coco8: {COCO8_SOURCE or 'offline stand-in built from the ultralytics assets (coco8_offline.py)'}"
 
 
 @pytest.fixture(scope="session")
