@@ -74,6 +74,32 @@ def test_val_from_checkpoint(trained_run):
     assert len(metrics.box.maps) == 80
 
 
+def frames(video) -> int:
+    capture, n = cv2.VideoCapture(str(video)), 0
+    while capture.read()[0]:
+        n += 1
+    capture.release()
+    return n
+
+
+def test_cli_track_saves_the_video_and_python_track_runs(trained_run, tmp_path):
+    video = tmp_path / "walk.mp4"
+    scene = cv2.resize(cv2.imread(str(BUS)), (192, 256))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (128, 128))
+    for i in range(10):
+        writer.write(np.ascontiguousarray(scene[i * 8 : i * 8 + 128, i * 6 : i * 6 + 128]))  # the camera pans
+    writer.release()
+    assert frames(video) == 10
+    weights = str(trained_run / "weights" / "best.pt")
+    r = run_cli("track", f"model={weights}", f"source={video}", "imgsz=64", f"project={tmp_path}", "name=t")
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = list((tmp_path / "t").glob("walk.*"))  # saved by default, as `yolo track` does
+    assert len(saved) == 1 and frames(saved[0]) == 10
+    model = VisionMoE(weights)  # the tracker's `lap` must be installed: tests run with YOLO_AUTOINSTALL=false
+    results = model.track(str(video), imgsz=64, save=False, verbose=False)
+    assert len(results) == 10 and len(model.predictor.trackers) == 1
+
+
 def test_cli_predict_val_info(trained_run, tmp_path):
     weights = str(trained_run / "weights" / "best.pt")
     r = run_cli("predict", f"model={weights}", f"source={BUS}", "imgsz=64", f"project={tmp_path}", "name=p")

@@ -17,7 +17,7 @@ from .export import EXPORT_DISPATCHES, EXPORT_KEYS
 from .models.yolo.model import DEFAULT_MODEL
 from .nn.settings import MoESettings, pop_moe_overrides
 
-MODES = ("train", "val", "predict", "export", "analyze", "compare", "benchmark", "data", "info", "help")
+MODES = ("train", "val", "predict", "track", "export", "analyze", "compare", "benchmark", "data", "info", "help")
 SYNTH_DEFAULTS = {"out": f"DATASETS_DIR/{SYNTH_NAME}", "seed": 0, "images": DEFAULT_IMAGES, "imgsz": DEFAULT_IMGSZ}
 COMPARE_DEFAULTS = {"models": ",".join(DEFAULT_MODELS), "seeds": 3}
 
@@ -37,6 +37,7 @@ Examples:
   visionmoe train model=visionmoe-yolo-s.yaml data=coco8.yaml experts=8 top_k=1
   visionmoe train model=visionmoe-vit-s.yaml data=coco8.yaml capacity_factor=[1.25,2.0] bpr=True
   visionmoe predict model=runs/detect/train/weights/best.pt source=bus.jpg
+  visionmoe track model=runs/detect/train/weights/best.pt source=video.mp4 tracker=bytetrack.yaml
   visionmoe val model=runs/detect/train/weights/best.pt data=coco8.yaml
   visionmoe export model=runs/detect/train/weights/best.pt format=onnx
   visionmoe analyze model=runs/detect/train/weights/best.pt data=coco8.yaml   # routing analysis of the val split
@@ -113,9 +114,9 @@ def run(argv: list[str]) -> Any:
     model = VisionMoE(overrides.pop("model", DEFAULT_MODEL), **moe)
     if mode == "info":
         return model.info(imgsz=overrides.get("imgsz", 640))
-    if mode == "predict":
+    if mode in {"predict", "track"}:
         overrides.setdefault("source", ASSETS)
-        overrides.setdefault("save", True)  # as `yolo predict` does; Ultralytics only detects its own CLI
+        overrides.setdefault("save", True)  # as `yolo predict`/`yolo track` do; Ultralytics only detects its own CLI
     if mode == "export":
         overrides.setdefault("format", "onnx")
     return getattr(model, mode)(**overrides)
