@@ -1,4 +1,4 @@
-"""`visionmoe compare`: a 1-epoch, 1-seed comparison on COCO8 writes every column; failures and reruns."""
+"""`visionmoe compare`: a 1-epoch, 1-seed comparison on COCO8 writes every column; refusals, failures and reruns."""
 
 from __future__ import annotations
 
@@ -12,15 +12,24 @@ from visionmoe.engine.compare import columns, matched_baselines, resolve_models
 from conftest import run_cli
 
 ARGS = ("data=coco8.yaml", "seeds=1", "epochs=1", "imgsz=64", "batch=4", "nbs=4", "workers=0", "plots=False")
-MODELS = "models=visionmoe-yolo-n.yaml,yolo11n.yaml,no-such-model.yaml"
+# a dense YAML that resolves (so compare accepts it) but whose model cannot be built (so its run fails)
+BROKEN = "nc: 80\nbackbone:\n  - [-1, 1, NoSuchLayer, [16]]\nhead:\n  - [-1, 1, Detect, [nc]]\n"
 
 
 @pytest.fixture(scope="module")
-def compared(coco8, tmp_root):
-    """Folder of one comparison with a model that cannot load, and the CLI's output."""
+def models(tmp_root) -> str:
+    (tmp_root / "broken.yaml").write_text(BROKEN)
+    return f"models=visionmoe-yolo-n.yaml,yolo11n.yaml,{tmp_root / 'broken.yaml'}"
+
+
+@pytest.fixture(scope="module")
+def compared(coco8, tmp_root, models):
+    """Folder of one comparison with a model whose run fails, and the CLI's output."""
     project = tmp_root / "runs" / "compare"
-    r = run_cli("compare", MODELS, *ARGS, f"project={project}", "name=c", "exist_ok=True")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cli("compare", models, *ARGS, f"project={project}", "name=c", "exist_ok=True")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the table is written, the failure reported
+    errors = [line for line in r.stderr.splitlines() if line.startswith("visionmoe error:")]
+    assert len(errors) == 1 and "broken (seed 0 failed" in errors[0] and "NoSuchLayer" in errors[0], r.stderr[-3000:]
     return project / "c", r.stdout + r.stderr
 
 
@@ -28,7 +37,7 @@ def test_writes_every_column_for_each_model(compared):
     folder, _ = compared
     rows = {r["model"]: r for r in csv.DictReader(open(folder / "compare.csv"))}
     assert list(next(iter(rows.values()))) == columns(gpu=False)
-    assert list(rows) == ["visionmoe-yolo-n", "yolo11n", "no-such-model"]
+    assert list(rows) == ["visionmoe-yolo-n", "yolo11n", "broken"]
     moe, dense = rows["visionmoe-yolo-n"], rows["yolo11n"]
     single_seed = {"mAP50_std", "mAP50-95_std", "delta_std", "noise_floor"}  # no spread from one seed
     for row in (moe, dense):
@@ -51,21 +60,21 @@ def test_writes_every_column_for_each_model(compared):
 
 def test_failed_run_is_reported_and_the_others_go_on(compared):
     folder, log = compared
-    bad = {r["model"]: r for r in csv.DictReader(open(folder / "compare.csv"))}["no-such-model"]
-    assert bad["seeds"] == "0" and "failed" in bad["status"] and "no-such-model.yaml" in bad["status"]
-    assert "no-such-model seed 0 failed" in log
+    bad = {r["model"]: r for r in csv.DictReader(open(folder / "compare.csv"))}["broken"]
+    assert bad["seeds"] == "0" and "failed" in bad["status"] and "NoSuchLayer" in bad["status"]
+    assert "broken seed 0 failed" in log
     assert json.loads((folder / "yolo11n" / "seed0.json").read_text())["seed"] == 0
 
 
-def test_rerun_skips_finished_runs(compared, tmp_root):
+def test_rerun_skips_finished_runs(compared, models):
     folder, _ = compared
     records = {p: p.stat().st_mtime_ns for p in folder.rglob("seed0.json")}
     assert len(records) == 2
-    r = run_cli("compare", MODELS, *ARGS, f"project={folder.parent}", "name=c", "exist_ok=True")
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("compare", models, *ARGS, f"project={folder.parent}", "name=c", "exist_ok=True")
+    assert r.returncode == 1, r.stderr[-2000:]  # the retried run fails again
     assert "Starting training" not in r.stdout + r.stderr
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("seed0.json")} == records
-    assert "no-such-model seed 0 failed" in r.stdout + r.stderr  # failed runs are retried
+    assert "broken seed 0 failed" in r.stdout + r.stderr  # failed runs are retried
     assert len(list(csv.DictReader(open(folder / "compare.csv")))) == 3
 
 
@@ -84,9 +93,22 @@ def test_matched_dense_baselines_are_added_for_moe_only_lists():
         (("seed=1",), "use seeds="),
         (("model=yolo11n.yaml",), "use models="),
         (("seeds=0",), "seeds=0"),
+        (("models=foo.yaml", "epochs=1"), "model 'foo.yaml' not found"),
+        (("models=visionmoe-yolo-n.yaml,yolo1ln.yaml", "epochs=1"), "model 'yolo1ln.yaml' not found"),
+        (("models=yolo11n.yaml,missing.pt",), "model 'missing.pt' not found: no such weights file"),
+        (("models=visionmoe-yolo-n.yaml", "top_k=9"), "top_k=9 with experts=4"),
+        (("models=yolo11n.yaml", "data=nope.yaml"), "'nope.yaml' does not exist"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(argv, message, tmp_path):
-    r = run_cli("compare", "data=coco8.yaml", *argv, f"project={tmp_path}")
+    r = run_cli("compare", "data=coco8.yaml", *argv, f"project={tmp_path / 'runs'}", cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not any(tmp_path.iterdir())  # refused before any run folder exists
+    assert not (tmp_path / "runs").exists()  # refused before any run folder exists
+
+
+def test_dataset_without_images_fails_before_training(tmp_path):
+    data = tmp_path / "ghost.yaml"
+    data.write_text(f"path: {tmp_path / 'ghost'}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n")
+    r = run_cli("compare", "models=yolo11n.yaml", f"data={data}", f"project={tmp_path / 'runs'}", cwd=tmp_path)
+    assert r.returncode == 2 and "images not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "runs").exists()

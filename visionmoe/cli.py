@@ -52,6 +52,10 @@ class UsageError(ValueError):
     """A command line that cannot run as written."""
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of a command failed after it started; their failures are recorded in its results."""
+
+
 def parse_args(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Split `MODE key=value ...` into (mode, Ultralytics overrides, MoE settings); unknown keys fail."""
     if not argv or argv[0] in {"help", "-h", "--help"}:
@@ -106,7 +110,11 @@ def run(argv: list[str]) -> Any:
     if mode == "data":
         return generate(**overrides)
     if mode == "compare":
-        return compare(moe=moe, **overrides)
+        rows = compare(moe=moe, **overrides)
+        failed = [f"{r['model']} ({r['status']})" for r in rows if r["status"] != "ok"]
+        if failed:
+            raise RunsFailed(f"compare: failed runs, recorded in compare.md: {'; '.join(failed)}")
+        return rows
     if mode == "benchmark":
         return benchmark(**overrides, **moe)
     if mode == "analyze" and "model" not in overrides:
@@ -123,13 +131,13 @@ def run(argv: list[str]) -> Any:
 
 
 def entrypoint(argv: list[str] | None = None) -> int:
-    """Console script: errors a user can fix print as one line and exit 2."""
+    """Console script: errors a user can fix print as one line and exit 2; runs that failed later exit 1."""
     try:
         run(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError, SyntaxError) as e:
+    except (ValueError, FileNotFoundError, SyntaxError, RunsFailed) as e:
         message = " ".join(str(e).split())  # one line, whatever the source formatted
         print(f"visionmoe error: {message}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, RunsFailed) else 2
     return 0
 
 

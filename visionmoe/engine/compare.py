@@ -22,13 +22,16 @@ from typing import Any
 import torch
 from ultralytics import YOLO, __version__ as ultralytics_version
 from ultralytics.cfg import DEFAULT_CFG_DICT
-from ultralytics.nn.tasks import load_checkpoint
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.nn.tasks import load_checkpoint, yaml_model_load
 from ultralytics.utils import LOGGER, RUNS_DIR, TQDM, YAML, plt_settings
+from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES
 from ultralytics.utils.files import increment_path
 
 from ..data import find_data_yaml
 from ..models.yolo.model import VisionMoE
-from ..nn.tasks import MOE_BLOCKS, MoEModel, find_model_yaml
+from ..models.yolo.train import check_usable_images
+from ..nn.tasks import MOE_BLOCKS, MoEModel, find_model_yaml, load_model_yaml, models_dir
 from ..utils import allowed_cpus, use_allowed_cpus
 from ..utils.flops import active_gflops
 from ..utils.latency import exported_latency_ms, torch_latency_ms
@@ -50,7 +53,7 @@ class Entry:
 
 
 def is_moe_model(name: str) -> bool:
-    """True for visionmoe YAMLs and checkpoints; anything else (yolo11n.yaml, typos) goes to ultralytics.YOLO."""
+    """True for visionmoe YAMLs and checkpoints; anything else (yolo11n.yaml) goes to ultralytics.YOLO."""
     if name.endswith(".pt"):
         return Path(name).is_file() and isinstance(load_checkpoint(name)[0], MoEModel)
     try:
@@ -59,6 +62,45 @@ def is_moe_model(name: str) -> bool:
         return False
     d = YAML.load(path)
     return "vit" in d or any(row[2] in MOE_BLOCKS for row in d.get("backbone", []) + d.get("head", []))
+
+
+def check_model(name: str, moe_args: dict[str, Any] | None = None) -> bool:
+    """Whether `name` is an MoE model; a spec that no run could train fails here, in one line, before any training.
+
+    Accepted: a YAML that visionmoe or Ultralytics resolves (with MoE settings that fit an MoE YAML), a weights file,
+    or the name of official Ultralytics weights (downloaded by the run, as `yolo train` does).
+    """
+    if name.endswith(".pt"):
+        if not Path(name).is_file():
+            if Path(name).name in GITHUB_ASSETS_NAMES:
+                return False
+            raise FileNotFoundError(f"model '{name}' not found: no such weights file")
+        try:
+            moe = is_moe_model(name)
+        except Exception as e:  # pickle, zip and torch errors: any unloadable file
+            raise ValueError(f"cannot load weights '{name}': {e}") from e
+        if moe and moe_args:
+            raise ValueError(f"MoE settings {sorted(moe_args)} apply to models built from a YAML; "
+                             f"'{name}' already fixes them")  # fmt: skip
+        return moe
+    if not name.endswith((".yaml", ".yml")):
+        raise ValueError(f"model '{name}' is neither a model YAML nor .pt weights")
+    try:
+        find_model_yaml(name)  # a YAML file, or a packaged visionmoe model
+    except FileNotFoundError:
+        try:
+            yaml_model_load(name)  # an Ultralytics model such as yolo11n.yaml
+        except FileNotFoundError:
+            packaged = ", ".join(sorted(p.name for p in models_dir().glob("*.yaml")))
+            raise FileNotFoundError(
+                f"model '{name}' not found: not a file, a packaged visionmoe model ({packaged}, with a "
+                "scale suffix such as -n) or an Ultralytics model YAML (e.g. yolo11n.yaml)"
+            ) from None
+        return False
+    if is_moe_model(name):
+        load_model_yaml(name, **(moe_args or {}))  # impossible MoE settings fail now, as in `visionmoe train`
+        return True
+    return False
 
 
 def matched_baselines(moe_names: list[str]) -> list[str]:
@@ -76,11 +118,12 @@ def matched_baselines(moe_names: list[str]) -> list[str]:
     return list(dict.fromkeys(baselines))
 
 
-def resolve_models(models: str | list[str] | None) -> list[Entry]:
-    """Entries for the models to compare; with no dense model among them, the matched YOLO11 baselines are added."""
+def resolve_models(models: str | list[str] | None, moe_args: dict[str, Any] | None = None) -> list[Entry]:
+    """Entries for the models to compare, each checked by `check_model`; with no dense model among them, the matched
+    YOLO11 baselines are added."""
     names = [m.strip() for m in models.split(",")] if isinstance(models, str) else list(models or DEFAULT_MODELS)
     names = [n for n in names if n]
-    moe = {n: is_moe_model(n) for n in names}
+    moe = {n: check_model(n, moe_args) for n in names}
     if all(moe.values()):
         added = matched_baselines(names)
         if added:
@@ -302,6 +345,9 @@ def check_args(args: dict[str, Any]) -> None:
 def compare(models: str | list[str] | None = None, seeds: int = 3, moe: dict | None = None, **args: Any) -> list[dict]:
     """Train and measure every model on `args['data']` over `seeds` seeds; returns the table rows.
 
+    The model specs, MoE settings and data are checked first, so a typo fails before any training; a run that
+    fails later is recorded in its row's status and the others go on.
+
     Args:
         models: Model YAMLs or weights, a list or comma-separated; dense baselines are added when all are MoE.
         seeds: Seeds 0..seeds-1, one run per model and seed.
@@ -316,8 +362,9 @@ def compare(models: str | list[str] | None = None, seeds: int = 3, moe: dict | N
         ["visionmoe compare", f"models={models if isinstance(models, str) else ','.join(models or DEFAULT_MODELS)}",
          f"seeds={seeds}", *(f"{k}={v}" for k, v in {**(moe or {}), **args}.items())]
     )  # fmt: skip
+    entries = resolve_models(models, moe)  # models, then data: a misspelt model never waits for a dataset download
     args["data"] = str(find_data_yaml(args["data"]))
-    entries = resolve_models(models)
+    check_usable_images(check_det_dataset(args["data"]))  # a missing or unusable dataset fails now, as in train
     exist_ok = bool(args.pop("exist_ok", False))
     project = Path(args.pop("project", None) or RUNS_DIR / "compare")
     save_dir = increment_path(project / (args.pop("name", None) or Path(args["data"]).stem), exist_ok, mkdir=True)
