@@ -1,5 +1,6 @@
-"""Static sparse ONNX export: equality with PyTorch (outputs and chosen experts), static graph checks, sparsity,
-refusals, the Ultralytics AutoBackend round trip, the CLI, and the torch-free deployment kit in export/.
+"""Static sparse ONNX export in both sparse forms ('gather' at batch 4, 'branch' at batch 1): equality with PyTorch
+(outputs and chosen experts), static graph checks, sparsity, refusals, the Ultralytics AutoBackend round trip, the
+CLI, and the torch-free deployment kit in export/.
 
 Written over `MoEBlock`s and their routers, so that every MoE family the YAMLs build is covered the same way.
 """
@@ -23,7 +24,7 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.utils import ASSETS
 
 from visionmoe import VisionMoE
-from visionmoe.export import DEFAULT_OPSET, static_graph_problems
+from visionmoe.export import DEFAULT_OPSET, default_dispatch, static_graph_problems
 from visionmoe.nn import MoEBlock
 from visionmoe.nn.static import StaticExportError
 
@@ -37,6 +38,9 @@ CONFIGS = {  # (E, k) both ways, both router types, renormalised gates and a sha
     "vit": dict(model="visionmoe-vit.yaml"),  # token-routed MoE MLPs with fixed capacity
 }
 DENSE_CHECKED = "e3-top2-mlp-shared"  # the dense fallback export is checked on one config, to keep the suite short
+FORMS = {"gather": BATCH, "branch": 1}  # sparse export forms and the batch each is exported at; 'branch' runs the
+# val images one at a time, and since row n of the val batch picks expert n, they still reach every expert
+SAME_IN_EVERY_FORM = {"vit"}  # token-routed blocks have one static form, so their graph is checked once (gather)
 # A fresh YOLO's activations shrink layer by layer (its norms expect unit variance), which keeps float error far
 # below ATOL but also hides late experts; the calibrated variant (and the LayerNorm ViT) has realistic activations,
 # where fp32 rounding grows through depth and attention to ~1e-5 of the output scale (PyTorch alone differs that much
@@ -137,6 +141,17 @@ def conv_nodes(path: Path) -> int:
     return sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
 
 
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes of `graph` and of its subgraphs (If branches), at any depth."""
+    return [*graph.node, *(n for node in graph.node for a in node.attribute if a.HasField("g") for n in all_nodes(a.g))]
+
+
+def convs_per_expert(vm: VisionMoE) -> list[int]:
+    """Conv2d layers in one expert of each block whose experts are conv modules (none for token-routed blocks)."""
+    blocks = [b for b in vm.model.moe_blocks() if isinstance(b.experts, torch.nn.ModuleList)]
+    return [sum(isinstance(m, torch.nn.Conv2d) for m in b.experts[0].modules()) for b in blocks]
+
+
 def metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
@@ -147,23 +162,34 @@ def val_images(coco8) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def exported(request, tmp_path_factory, val_images) -> tuple[VisionMoE, Path, str]:
-    """A from-YAML model whose routers send the COCO8 val images to every expert, exported statically, and its name."""
+def routed(request, val_images) -> tuple[VisionMoE, str]:
+    """A from-YAML model whose routers send the COCO8 val images to every expert, and its config name."""
     torch.manual_seed(0)
     settings = dict(CONFIGS[request.param])
     vm = VisionMoE(settings.pop("model", "visionmoe-yolo-n.yaml"), **settings)
     vm.model.eval()
     calibration = torch.cat((val_images, torch.rand_like(val_images))) if request.param in CALIBRATED else None
     force_routing(vm.model, val_images, calibration)
-    folder = tmp_path_factory.mktemp(request.param)
+    return vm, request.param
+
+
+@pytest.fixture(scope="module", params=list(FORMS))
+def exported(request, routed, tmp_path_factory) -> tuple[VisionMoE, Path, str, str]:
+    """The routed model exported in one sparse form at that form's batch: (model, path, config name, form)."""
+    vm, name = routed
+    form = request.param
+    if form != "gather" and name in SAME_IN_EVERY_FORM:
+        pytest.skip(f"{name} exports one graph in every form, checked as 'gather'")
+    folder = tmp_path_factory.mktemp(f"{name}-{form}")
     vm.model.pt_path = str(folder / "model.pt")  # the export goes next to it, as for a checkpoint
-    path = Path(vm.export(format="onnx", imgsz=IMGSZ, batch=BATCH))
+    path = Path(vm.export(format="onnx", imgsz=IMGSZ, batch=FORMS[form], moe_dispatch=form))
     assert path == folder / "model.onnx" and export_files(folder) == [path]
-    return vm, path, request.param
+    assert metadata(path)["moe_dispatch"] == form
+    return vm, path, name, form
 
 
-def test_inputs_reach_every_expert(exported, val_images):
-    vm, _, _ = exported
+def test_inputs_reach_every_expert(routed, val_images):
+    vm, _ = routed
     _, chosen = torch_reference(vm.model, val_images)
     e = vm.model.moe_settings.experts
     for name, indices in chosen.items():
@@ -174,25 +200,45 @@ def test_inputs_reach_every_expert(exported, val_images):
 
 
 def test_onnx_equals_pytorch(exported, val_images):
-    vm, path, name = exported
+    """Outputs and chosen experts equal the eager sparse model's, batch by batch, and the val images reach every expert
+    of every block in the ONNX graph too."""
+    vm, path, name, form = exported
     atol = ATOL * (np.abs(torch_reference(vm.model, val_images)[0]).max() if name in RELATIVE_ATOL else 1)
     session, router_outputs = with_router_outputs(path, [name for name, _ in vm.model.named_moe_blocks()])
-    for x in (val_images, torch.rand(BATCH, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(1))):
-        ref, ref_chosen = torch_reference(vm.model, x)
-        out, *indices = session.run(["output0", *router_outputs.values()], {"images": x.numpy()})
-        chosen = dict(zip(router_outputs, indices))
-        assert out.shape == ref.shape
-        assert np.abs(out - ref).max() <= atol
-        for block in ref_chosen:
-            np.testing.assert_array_equal(chosen[block], ref_chosen[block], err_msg=block)
+    noise = torch.rand(BATCH, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(1))
+    reached = {block: set() for block in router_outputs}
+    for images in (val_images, noise):
+        for x in images.split(FORMS[form]):
+            ref, ref_chosen = torch_reference(vm.model, x)
+            out, *indices = session.run(["output0", *router_outputs.values()], {"images": x.numpy()})
+            chosen = dict(zip(router_outputs, indices))
+            assert out.shape == ref.shape
+            assert np.abs(out - ref).max() <= atol
+            for block in ref_chosen:
+                np.testing.assert_array_equal(chosen[block], ref_chosen[block], err_msg=block)
+                if images is val_images:
+                    reached[block].update(chosen[block].ravel().tolist())
+    experts = list(range(vm.model.moe_settings.experts))
+    assert all(sorted(r) == experts for r in reached.values()), reached
 
 
 def test_graph_is_static(exported):
-    _, path, _ = exported
-    assert static_graph_problems(path, opset=DEFAULT_OPSET) == []
+    """Static in either form; 'branch' keeps every conv weight constant, through `If`, which only it may use."""
+    vm, path, _, form = exported
+    branch = form == "branch"
+    assert static_graph_problems(path, opset=DEFAULT_OPSET, allow_if=branch, constant_conv_weights=branch) == []
     model = onnx.load(str(path))
-    ops = {n.op_type for n in model.graph.node}
-    assert not ops & {"NonZero", "Loop", "If", "Scan"}
+    ops = {n.op_type for n in all_nodes(model.graph)}
+    assert not ops & {"NonZero", "Loop", "Scan"}
+    assert ("If" in ops) == (branch and bool(convs_per_expert(vm)))
+    # The checks fail where they should: 'gather' computes the experts' conv weights, 'branch' needs If
+    problems = static_graph_problems(path, opset=DEFAULT_OPSET, allow_if=branch, constant_conv_weights=True)
+    assert len(problems) == (0 if branch else sum(convs_per_expert(vm))), problems
+    assert all("has weights computed at runtime" in p for p in problems)
+    if branch:
+        ifs = [n for n in all_nodes(model.graph) if n.op_type == "If"]
+        problems = static_graph_problems(path, opset=DEFAULT_OPSET, constant_conv_weights=True)
+        assert sorted(problems) == sorted(f"If node '{n.name}' is not allowed in a static export" for n in ifs)
     for node in model.graph.node:
         if node.op_type in {"ScatterND", "ScatterElements"}:
             assert all(a.name != "reduction" or a.s == b"none" for a in node.attribute), node.name
@@ -203,15 +249,22 @@ def test_graph_is_static(exported):
 
 
 def test_graph_runs_only_chosen_experts(exported, val_images):
-    """Conv nodes: the static graph holds one expert's convs per block, the dense fallback all E of them."""
-    vm, path, name = exported
+    """Conv nodes: 'gather' holds one expert's convs per block, the dense fallback all E of them; 'branch' holds every
+    expert's convs in If branches, one balanced tree (E - 1 If nodes, E leaves) per image and slot of each block."""
+    vm, path, name, form = exported
     if not all(isinstance(b.experts, torch.nn.ModuleList) for b in vm.model.moe_blocks()):
         pytest.skip("stacked token experts run as batched matmuls over fixed-capacity buffers, not per-expert convs")
     s = vm.model.moe_settings
     all_convs = sum(isinstance(m, torch.nn.Conv2d) for m in vm.model.modules())
-    per_expert = [sum(isinstance(m, torch.nn.Conv2d) for m in b.experts[0].modules()) for b in vm.model.moe_blocks()]
+    per_expert = convs_per_expert(vm)
+    if form == "branch":
+        selections = FORMS[form] * s.top_k  # one If tree per image and slot in each block, all E experts in each
+        nodes = all_nodes(onnx.load(str(path)).graph)
+        assert conv_nodes(path) == all_convs - s.experts * sum(per_expert)
+        assert sum(n.op_type == "Conv" for n in nodes) == conv_nodes(path) + selections * s.experts * sum(per_expert)
+        assert sum(n.op_type == "If" for n in nodes) == selections * len(per_expert) * (s.experts - 1)
+        return
     assert conv_nodes(path) == all_convs - (s.experts - 1) * sum(per_expert)
-    assert metadata(path)["moe_dispatch"] == "static"
     if name != DENSE_CHECKED:
         return
 
@@ -272,21 +325,27 @@ def test_refused_models_write_nothing(tmp_path, break_model):
 
 @pytest.fixture(scope="module")
 def trained_onnx(trained_run, tmp_path_factory) -> Path:
-    """best.pt of the shared tiny training, exported through the CLI (in a copy, so other tests' files stay apart)."""
+    """best.pt of the shared tiny training, exported in the branch form through the CLI (in a copy, so other tests'
+    files stay apart)."""
     folder = tmp_path_factory.mktemp("cli-export")
     pt = folder / "best.pt"
     pt.write_bytes((trained_run / "weights" / "best.pt").read_bytes())
-    result = run_cli("export", f"model={pt}", "format=onnx", f"imgsz={IMGSZ}")
+    result = run_cli("export", f"model={pt}", "format=onnx", f"imgsz={IMGSZ}", "moe_dispatch=branch")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert export_files(folder) == [folder / "best.onnx"]
     return folder / "best.onnx"
 
 
-def test_cli_export_of_trained_checkpoint(trained_onnx):
-    assert static_graph_problems(trained_onnx, opset=DEFAULT_OPSET) == []
+def test_cli_export_of_trained_checkpoint(trained_onnx, val_images):
+    assert static_graph_problems(trained_onnx, DEFAULT_OPSET, allow_if=True, constant_conv_weights=True) == []
     meta = metadata(trained_onnx)
-    assert meta["moe_dispatch"] == "static" and ast.literal_eval(meta["imgsz"]) == [IMGSZ, IMGSZ]
-    assert meta["batch"] == "1" and ast.literal_eval(meta["moe"])["experts"] == VisionMoE(str(trained_onnx.with_suffix(".pt"))).model.moe_settings.experts
+    model = VisionMoE(str(trained_onnx.with_suffix(".pt"))).model.eval()
+    assert meta["moe_dispatch"] == "branch" and ast.literal_eval(meta["imgsz"]) == [IMGSZ, IMGSZ]
+    assert meta["batch"] == "1" and ast.literal_eval(meta["moe"])["experts"] == model.moe_settings.experts
+    session = ort.InferenceSession(str(trained_onnx), providers=["CPUExecutionProvider"])
+    for x in val_images.split(1):  # trained weights: BatchNorm folds into every expert conv's bias
+        ref = torch_reference(model, x)[0]
+        assert np.abs(session.run(None, {"images": x.numpy()})[0] - ref).max() <= ATOL * np.abs(ref).max()
 
     result = run_cli("export", f"model={trained_onnx.with_suffix('.pt')}", "dynamic=True")
     assert result.returncode == 2
@@ -309,7 +368,9 @@ def kit_model(tmp_path_factory) -> Path:
     for head in vm.model.model[-1].cv3:
         torch.nn.init.constant_(head[-1].bias, -1.0)
     vm.model.pt_path = str(tmp_path_factory.mktemp("kit") / "model.pt")
-    return Path(vm.export(format="onnx", imgsz=IMGSZ))
+    path = Path(vm.export(format="onnx", imgsz=IMGSZ))
+    assert metadata(path)["moe_dispatch"] == default_dispatch(1)  # moe_dispatch=auto records the form it wrote
+    return path
 
 
 def test_deployment_kit_matches_predict(kit_model, tmp_path):

@@ -30,7 +30,7 @@ visionmoe: sparse Mixture-of-Experts detectors on Ultralytics.
   key=value  any Ultralytics argument (epochs=3 imgsz=320 device=cpu ...), plus the MoE settings
              {', '.join(MoESettings.keys())}
              which apply when the model is built from a YAML (default model={DEFAULT_MODEL}), and for export
-             moe_dispatch={'|'.join(EXPORT_DISPATCHES)} (static: only the chosen experts run in the ONNX graph)
+             moe_dispatch={'|'.join(EXPORT_DISPATCHES)} (auto: the faster sparse form for the batch, see README)
 
 Examples:
   visionmoe train data=coco8.yaml epochs=3 imgsz=320

@@ -1,11 +1,13 @@
 """ONNX export of MoE models with static top-k that keeps the sparsity.
 
-The model is copied, every MoE block switched to its 'static' dispatch (only the chosen experts compute, as
-branch-free static-shape tensor code), and the copy handed to Ultralytics' Exporter, which fuses, traces and writes
-its usual metadata; visionmoe adds its MoE settings to that metadata. The legacy tracer records every `x.shape` as
-runtime Shape ops, so the graph is then constant-folded (onnxscript's optimizer, as torch.onnx uses it) with its
-constants lifted to initializers, checked to be static (see checks.py), and only then moved to its final path,
-so a failed export leaves no file behind.
+The model is copied, every MoE block switched to a static dispatch in which only the chosen experts compute, and
+the copy handed to Ultralytics' Exporter, which fuses, traces and writes its usual metadata; visionmoe adds its MoE
+settings and the form written to that metadata. Two sparse forms: 'branch' selects each chosen expert's own
+constant-weight subgraph through ONNX `If` (the tracer writes placeholders that export/branches.py expands), and
+'gather' runs the chosen experts' gathered weights as one grouped conv, branch-free. `default_dispatch` picks one
+for the export batch. The legacy tracer records every `x.shape` as runtime Shape ops, so the graph is then
+constant-folded (onnxscript's optimizer, as torch.onnx uses it) with its constants lifted to initializers, checked
+to be static (see checks.py), and only then moved to its final path, so a failed export leaves no file behind.
 A dense export (every expert runs, unchosen ones weighted 0) happens only when asked for with moe_dispatch=dense.
 """
 
@@ -23,13 +25,22 @@ from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.engine.exporter import Exporter
 from ultralytics.utils import LOGGER, colorstr
 
-from ..nn.static import StaticExportError
+from ..nn.static import BranchExperts, StaticExportError
 from ..nn.tasks import MoEModel
+from .branches import expand_switches, sink_initializers
 from .checks import check_static_graph
 
-EXPORT_DISPATCHES = ("static", "dense")  # values of moe_dispatch; 'static' is the sparse export
+EXPORT_DISPATCHES = ("auto", "branch", "gather", "dense")  # values of moe_dispatch; 'auto' is `default_dispatch`
 EXPORT_KEYS = ("moe_dispatch",)  # visionmoe-only export arguments, popped before Ultralytics checks the rest
 DEFAULT_OPSET = 17  # TensorRT-friendly and supported by every current ONNX Runtime
+
+
+def default_dispatch(batch: int) -> str:
+    """The faster sparse form for an export batch: `If` over constant-weight experts at batch 1, gathered weights above.
+
+    At batch > 1 the branch form would run one `If` tree per image and slot, each with its own copy of the weights.
+    """
+    return "branch" if batch == 1 else "gather"
 
 
 def preflight_args(args: Any, dispatch: str) -> None:
@@ -62,6 +73,8 @@ def prepare(model: MoEModel, dispatch: str) -> MoEModel:
             block.set_dispatch(dispatch)
         except StaticExportError as e:
             raise StaticExportError(f"MoE block '{name}' cannot export with moe_dispatch={dispatch}: {e}") from None
+        if isinstance(block.static_experts, BranchExperts):
+            block.static_experts.name = name  # the traced placeholders carry it, so that their experts can be found
     return model
 
 
@@ -74,7 +87,8 @@ def export_path(model: MoEModel) -> Path:
 def fold_shapes(path: str | Path) -> None:
     """Fold the traced graph's shape computations into constants, in place; static input shapes make them constant.
 
-    Constants become initializers too, so that TopK's K reads as a constant in shape inference and in TensorRT.
+    Constants become initializers too, so that TopK's K reads as a constant in shape inference and in TensorRT, each
+    in the graph that uses it (see `sink_initializers`).
     """
     import onnx_ir as ir  # onnxscript and onnx-ir load only when exporting
     import onnxscript.optimizer
@@ -83,19 +97,20 @@ def fold_shapes(path: str | Path) -> None:
     model = ir.load(path)
     onnxscript.optimizer.optimize(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    sink_initializers(model)
     ir.save(model, path)
 
 
 class MoEExporter(Exporter):
     """Ultralytics Exporter for visionmoe models: static sparse (or, on request, dense) ONNX with MoE metadata.
 
-    Accepts the Ultralytics export arguments plus `moe_dispatch` ('static' by default, or 'dense'); `opset`
-    defaults to 17.
+    Accepts the Ultralytics export arguments plus `moe_dispatch` ('auto' by default: `default_dispatch` of the
+    batch; or 'branch', 'gather', 'dense'), which becomes the form written; `opset` defaults to 17.
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: dict | None = None):
         overrides = dict(overrides or {})
-        self.moe_dispatch = overrides.pop("moe_dispatch", None) or "static"
+        self.moe_dispatch = overrides.pop("moe_dispatch", None) or "auto"
         super().__init__(cfg, overrides, _callbacks)
         self.args.opset = self.args.opset or DEFAULT_OPSET
 
@@ -103,6 +118,8 @@ class MoEExporter(Exporter):
         """Export `model` and return the ONNX path; nothing is written if any step fails."""
         self.args.format = str(self.args.format).lower()
         preflight_args(self.args, self.moe_dispatch)
+        if self.moe_dispatch == "auto":
+            self.moe_dispatch = default_dispatch(self.args.batch)
         target = export_path(model)
         prepared = prepare(model, self.moe_dispatch)
         # Write into a scratch folder beside the target and move the file into place only once it passed the checks
@@ -111,8 +128,12 @@ class MoEExporter(Exporter):
         try:
             prepared.pt_path = str(scratch / target.with_suffix(".pt").name)
             f = super().__call__(prepared)
+            branch = self.moe_dispatch == "branch"
+            if branch:
+                experts = {m.name: m.experts for m in prepared.modules() if isinstance(m, BranchExperts)}
+                expand_switches(f, experts, self.args.opset)
             fold_shapes(f)
-            check_static_graph(f, self.args.opset)
+            check_static_graph(f, self.args.opset, allow_if=branch, constant_conv_weights=self.moe_dispatch != "gather")
             os.replace(f, target)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -21,20 +21,23 @@ from .experts import BottleneckStack, MlpExperts, reinitialize
 from .router import Router
 from .routing import Routing, expert_capacity, token_slots
 from .settings import MoESettings
-from .static import StaticExperts, StaticExportError
+from .static import BranchExperts, GatheredExperts, StaticExportError
 
-Dispatch = Literal["sparse", "dense", "static"]
+Dispatch = Literal["sparse", "dense", "gather", "branch"]
+STATIC_DISPATCHES = ("gather", "branch")  # the export forms, built by `static_experts_form`
 
 
 class MoEBlock(nn.Module):
     """Base of all MoE blocks: holds the router, the experts and the last routing decision.
 
     `dispatch` picks how the experts run: 'sparse' (only chosen experts compute, the default), 'dense'
-    (the reference: every expert runs and unchosen ones are weighted 0) or 'static' (the export form: only chosen
-    experts compute, as branch-free static-shape tensor code; set it with `set_dispatch`, which builds that form).
-    Routing is the same in all three. Export calls `set_dispatch("static")` on every block: a family whose forward
-    is already static (e.g. fixed-capacity token routing) overrides `static_experts_form` to return None; one
-    without a static form keeps the default, which raises StaticExportError, and export refuses the model.
+    (the reference: every expert runs and unchosen ones are weighted 0), or one of the static export forms, in which
+    only chosen experts compute with static shapes: 'gather' (branch-free tensor code over gathered weights) or
+    'branch' (each expert its own constant-weight module, selected through ONNX `If` in export); `set_dispatch`
+    builds the form. Routing is the same in all of them. Export calls `set_dispatch` with a static form on every
+    block: a family whose forward is already static (e.g. fixed-capacity token routing) overrides
+    `static_experts_form` to return its own experts; one without a static form keeps the default, which raises
+    StaticExportError, and export refuses the model.
     """
 
     dense: type[nn.Module]  # the Ultralytics block this one replaces, as built by the stock parser
@@ -53,22 +56,19 @@ class MoEBlock(nn.Module):
         return sum(p.numel() for p in self.experts[0].parameters())
 
     def set_dispatch(self, dispatch: Dispatch) -> MoEBlock:
-        """Choose how the experts run; 'static' snapshots them into their export form (inference only)."""
+        """Choose how the experts run; a static form snapshots them into their export form (inference only)."""
         if dispatch not in get_args(Dispatch):
             raise ValueError(f"unknown dispatch '{dispatch}', use one of {list(get_args(Dispatch))}")
-        self.static_experts = self.static_experts_form() if dispatch == "static" else None
+        self.static_experts = self.static_experts_form(dispatch) if dispatch in STATIC_DISPATCHES else None
         self.dispatch = dispatch
         return self
 
-    def static_experts_form(self) -> nn.Module | None:
-        """Export form of the experts, one module (x [N, ...], index [N]) -> [N, ...out] for `static_mixture`.
-
-        None means the block's own forward is already static and needs no separate form.
-        """
+    def static_experts_form(self, dispatch: Dispatch) -> nn.Module:
+        """Static form `dispatch` of the experts: (x [N, ...], index [N]) -> [N, ...out], for `static_mixture`."""
         raise StaticExportError(f"{type(self).__name__} has no static dispatch, so it cannot export sparsely")
 
     def mixture(self, x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch.Tensor:
-        if self.dispatch == "static":
+        if self.dispatch in STATIC_DISPATCHES:
             return static_mixture(x, self.static_experts, routing.indices, routing.gates)
         mix = sparse_mixture if self.dispatch == "sparse" else dense_mixture
         return mix(x, experts, routing.indices, routing.gates)
@@ -104,9 +104,9 @@ class MoEC3k2(MoEBlock):
         shared = expert() if settings.shared_expert else None
         return cls(block.cv1, block.cv2, experts, Router(block.c, settings), shared)
 
-    def static_experts_form(self) -> StaticExperts:
-        """Experts with stacked, BN-folded conv weights, run as one grouped conv per layer."""
-        return StaticExperts(self.experts)
+    def static_experts_form(self, dispatch: Dispatch) -> GatheredExperts | BranchExperts:
+        """BN-folded experts: stacked, as a grouped conv per layer ('gather'), or one module each ('branch')."""
+        return BranchExperts(self.experts) if dispatch == "branch" else GatheredExperts(self.experts)
 
     @property
     def c(self) -> int:
@@ -154,8 +154,8 @@ class MoEMlp(MoEBlock):
     def params_per_expert(self) -> int:
         return self.experts.params_per_expert()
 
-    def static_experts_form(self) -> MlpExperts:
-        """The sparse token path is already branch-free with static shapes, so it is its own export form."""
+    def static_experts_form(self, dispatch: Dispatch) -> MlpExperts:
+        """The sparse token path is already branch-free with static shapes, so it is every export form."""
         return self.experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +170,7 @@ class MoEMlp(MoEBlock):
         slots, self.kept = token_slots(routing.indices, routing.gates, num_experts, capacity, self.bpr)
         if self.dispatch == "dense":
             y = token_dense_mixture(x, self.experts, routing.indices, routing.gates * self.kept)
-        else:  # 'sparse' and 'static' alike
+        else:  # 'sparse' and the static forms alike
             buffers = dispatch_tokens(x, routing.indices, slots, self.kept, num_experts, capacity)
             y = combine_tokens(self.experts(buffers), routing.indices, slots, self.kept, routing.gates)
         if self.shared is not None:

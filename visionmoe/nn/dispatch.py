@@ -2,7 +2,7 @@
 
 `sparse_mixture` runs each expert only on the items that chose it; `dense_mixture` is its reference, which runs
 every expert on every item and weights by the gates (tests compare the two; export can emit it on request);
-`static_mixture` is the export form of the sparse one: only chosen experts compute, with static shapes and no branches.
+`static_mixture` is the export form of the sparse one: only chosen experts compute, with static shapes.
 """
 
 from __future__ import annotations
@@ -65,12 +65,12 @@ def dense_mixture(
 
 
 def static_mixture(x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """Export form of `sparse_mixture`: branch-free, static shapes, only the chosen experts compute.
+    """Export form of `sparse_mixture`: static shapes, only the chosen experts compute, no Python branches.
 
     Args:
         x: [N, ...] items (images).
         experts: module mapping (x [M, ...], index [M]) to [M, ...out], row m through expert index[m]
-            (e.g. `StaticExperts`).
+            (e.g. `GatheredExperts`, `BranchExperts`).
         indices: [N, k] chosen experts per item.
         gates: [N, k] their weights.
 

@@ -1,13 +1,18 @@
-"""Static dispatch of per-image conv experts: the export form of a conv MoE, branch-free and with static shapes.
+"""Static dispatch of per-image conv experts: the export forms of a conv MoE, with static shapes, in which only the
+chosen experts compute. Both are snapshots with BatchNorm folded in, for inference and export only.
 
-The E experts of a block are snapshotted into one module of the same structure (`StaticExperts`) whose convs hold
-the E experts' weights stacked [E, ...] with BatchNorm folded in. A forward gathers the chosen experts' weights and
-runs every (image, slot) pair as one group of a grouped conv, so only the k chosen experts per image compute and
-the graph is TopK -> Gather(weights) -> Conv(groups=N*g): no branches, no data-dependent shapes, no scatter.
+'gather' (`GatheredExperts`): one module of the experts' shared structure whose convs hold the E experts' weights
+stacked [E, ...]. A forward gathers the chosen experts' weights and runs every (image, slot) pair as one group of a
+grouped conv: TopK -> Gather(weights) -> Conv(groups=N*g), branch-free, with conv weights computed at runtime.
+
+'branch' (`BranchExperts`): each expert its own constant-weight module. Traced for ONNX, each (image, slot) pair
+becomes one `visionmoe::ExpertSwitch` placeholder, which export/branches.py replaces by an `If` tree over the
+experts' own subgraphs: the conv weights stay constants, and runtimes run only the taken branch.
 """
 
 from __future__ import annotations
 
+import warnings
 from copy import deepcopy
 
 import torch
@@ -42,7 +47,7 @@ class GatheredConv2d(nn.Module):
         self.register_buffer("weight", weight.detach().clone())  # [E, c2, c1/g, kh, kw]
         self.register_buffer("bias", bias.detach().clone())  # [E, c2]
         self.stride, self.padding, self.dilation, self.groups = like.stride, like.padding, like.dilation, like.groups
-        self.index: torch.Tensor | None = None  # [N] expert per item, set by StaticExperts for one forward
+        self.index: torch.Tensor | None = None  # [N] expert per item, set by GatheredExperts for one forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -85,8 +90,15 @@ def _owned_by_conv(root: nn.Module, name: str) -> bool:
     return bool(name) and child in {"conv", "bn"} and type(root.get_submodule(parent)) in CONVS
 
 
-class StaticExperts(nn.Module):
-    """E experts of one block as one module of their shared structure, for inference and export only.
+def _run_fused(conv: nn.Module) -> None:
+    """Run an Ultralytics Conv whose BatchNorm is folded into its conv as act(conv(x))."""
+    if hasattr(conv, "bn"):
+        delattr(conv, "bn")
+    conv.forward = conv.forward_fuse
+
+
+class GatheredExperts(nn.Module):
+    """E experts of one block as one module of their shared structure, whose convs gather the chosen experts' weights.
 
     A snapshot: built from the experts' current weights (BN folded), so rebuild it after the experts change.
     forward(x [N, ...], index [N]) runs item n through expert index[n] -> [N, ...out].
@@ -107,9 +119,7 @@ class StaticExperts(nn.Module):
             self.convs.append(gathered)
             if type(m) in CONVS:  # keep the Conv (and its activation) but run it as fused: act(conv(x))
                 m.conv = gathered
-                if hasattr(m, "bn"):
-                    delattr(m, "bn")
-                m.forward = m.forward_fuse
+                _run_fused(m)
             elif name:
                 parent, _, child = name.rpartition(".")
                 setattr(self.body.get_submodule(parent), child, gathered)
@@ -125,3 +135,65 @@ class StaticExperts(nn.Module):
         finally:
             for conv in self.convs:
                 conv.index = None  # drop the tensor so that the module holds no per-batch state
+
+
+def _fused_expert(expert: nn.Module) -> nn.Module:
+    """Copy of `expert` with the BatchNorm of each Ultralytics Conv folded into its conv, run as act(conv(x))."""
+    expert = deepcopy(expert).requires_grad_(False)
+    for m in list(expert.modules()):  # listed first: folding deletes modules
+        if type(m) in CONVS:
+            m.conv.weight, m.conv.bias = (nn.Parameter(t.detach().clone(), requires_grad=False) for t in _folded(m))
+            _run_fused(m)
+    return expert
+
+
+class ExpertSwitch(torch.autograd.Function):
+    """One item x [1, ...] through expert `index` [1] of `branches`; in a traced ONNX graph, one placeholder node.
+
+    The node, `visionmoe::ExpertSwitch(x, index)` with attributes `block` (the block's module path) and `shape` (x's),
+    keeps the traced graph static until export/branches.py replaces it by an `If` tree over the block's experts.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, branches: BranchExperts) -> torch.Tensor:
+        if not torch.jit.is_tracing():
+            return branches.experts[int(index)](x)
+        # Traced, only the placeholder enters the graph (see `symbolic`): the expert run here just gives the output.
+        # The tracer records this body as a subgraph of the placeholder, and fails on calls to modules of the traced
+        # model in there; a copy is outside the model, and its weights are constants.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # int(index): the graph does not depend on it
+            expert = deepcopy(branches.experts[int(index)])
+        return expert(x)
+
+    @staticmethod
+    def symbolic(g, x, index, branches: BranchExperts):
+        # The input's shape rides along as an attribute: the exported file keeps no shapes around a custom op, but the
+        # pass that replaces the node exports the experts at that shape. The output type keeps the traced graph static.
+        size = x.type().sizes()
+        y = g.op("visionmoe::ExpertSwitch", x, index, block_s=branches.name, shape_i=size)
+        return y.setType(x.type().with_sizes(branches.output_size(size)))
+
+
+class BranchExperts(nn.Module):
+    """E experts of one block, each its own BN-folded module with constant weights, for inference and export only.
+
+    A snapshot: built from the experts' current weights, so rebuild it after the experts change.
+    forward(x [N, ...], index [N]) runs item n through expert index[n] -> [N, ...out], one `ExpertSwitch` per item.
+    """
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        for expert in experts:
+            _check_convertible(expert)
+        self.experts = nn.ModuleList(_fused_expert(expert) for expert in experts)
+        self.name = ""  # module path of the block, set by export: it names the placeholders of this block
+
+    @torch.no_grad()
+    def output_size(self, size: list[int]) -> list[int]:
+        """Output size of the experts (all alike) for an input of `size`."""
+        weight = next(self.parameters())
+        return list(self.experts[0](weight.new_zeros(size)).shape)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ExpertSwitch.apply(xn, i, self) for xn, i in zip(x.split(1), index.split(1))])
