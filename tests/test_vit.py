@@ -15,7 +15,13 @@ from ultralytics.utils import ASSETS, YAML
 from visionmoe import VisionMoE
 from visionmoe.analysis.utilisation import UtilisationTracker
 from visionmoe.nn import MoEMlp, MoESettings, load_model_yaml
-from visionmoe.nn.routing import expert_capacity, token_slots
+from visionmoe.nn.routing import (
+    capacity_drop_rate,
+    expert_capacity,
+    fit_capacity_factor,
+    token_loads,
+    token_slots,
+)
 from visionmoe.nn.tasks import MoEViTDetectionModel, build_model, models_dir
 from visionmoe.nn.vit import dense_baseline
 from visionmoe.utils.flops import active_gflops
@@ -102,6 +108,35 @@ def test_tokens_over_capacity_skip_the_expert():
     assert torch.all(y[~block.kept[..., 0]] == 0)  # dropped: no expert output, the residual carries them
     assert torch.all(y[block.kept[..., 0]].abs().sum(-1) > 0)
     torch.testing.assert_close(y, per_token_loop(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_drop_rate_from_loads_is_what_the_slots_drop():
+    torch.manual_seed(0)
+    indices = torch.stack([torch.randperm(4)[:2] for _ in range(3 * 24)]).view(3, 24, 2)  # k=2 distinct experts
+    indices[0, :12] = torch.tensor([1, 0])  # one image crowds experts 1 and 0
+    for cf in (0.5, 1.0, 1.25):
+        _, kept = token_slots(indices, torch.rand(3, 24, 2), 4, expert_capacity(24, 4, 2, cf), bpr=True)
+        rate = capacity_drop_rate(token_loads(indices, 4), top_k=2, capacity_factor=cf)
+        assert rate * kept.numel() == pytest.approx((~kept).sum().item()) and (cf == 1.25 or rate > 0)
+
+
+def test_fit_capacity_factor_on_constructed_loads():
+    balanced = torch.tensor([[20, 20, 20, 20], [20, 20, 20, 20]])  # T=80, E=4, k=1: fair share 20
+    assert fit_capacity_factor(balanced, top_k=1, max_factor=2.0) == 1.0  # 0.95 gives 19 slots: 5% dropped
+    assert fit_capacity_factor(balanced, top_k=2, max_factor=2.0) == 1.0  # the same loads as k=2 of 40 tokens
+    assert fit_capacity_factor(balanced * 2, top_k=1, max_factor=2.0) == 1.0  # T=160
+    skewed = torch.tensor([[20, 20, 20, 20], [30, 20, 20, 10]])  # 160 assignments
+    assert fit_capacity_factor(skewed, top_k=1, max_factor=2.0, target_drop=0.0) == 1.5  # 30 slots
+    # 1.1 gives 22 slots: 8 of 160 dropped (5%); 1.05 gives 21: 9 dropped
+    assert fit_capacity_factor(skewed, top_k=1, max_factor=2.0, target_drop=0.05) == 1.1
+    assert capacity_drop_rate(skewed, top_k=1, capacity_factor=1.1) == 0.05
+    assert capacity_drop_rate(skewed, top_k=1, capacity_factor=1.05) > 0.05
+    assert fit_capacity_factor(skewed, top_k=1, max_factor=1.3, target_drop=0.0) == 1.3  # never above the cap
+    assert fit_capacity_factor(balanced, top_k=1, max_factor=0.8) == 0.8
+    mixed = torch.tensor([[20, 20, 20, 20], [24, 12, 12, 12]])  # T=80 and T=60: fair shares 20 and 15
+    assert fit_capacity_factor(mixed, top_k=1, max_factor=2.0, target_drop=0.0) == 1.55  # ceil(15 * 1.55) = 24
+    with pytest.raises(ValueError, match="target_drop"):
+        fit_capacity_factor(balanced, top_k=1, max_factor=2.0, target_drop=1.0)
 
 
 def test_utilisation_csv_logs_drop_rate_per_expert(tmp_path):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 
 LOGIT_CLAMP = 30.0  # keeps exp() of fp32 logits far from overflow; the z-loss keeps real logits much smaller
+TARGET_DROP = 0.005  # default share of a layer's top-k assignments that a calibrated eval capacity may drop
+CAPACITY_STEP = 0.05  # calibrated capacity factors are multiples of this: readable, at most a step of headroom
 
 
 @dataclass
@@ -141,3 +143,42 @@ def token_slots(
     if bpr:  # back to raster order
         slots = slots.gather(1, rank.unsqueeze(-1).expand_as(slots))
     return slots, slots < capacity
+
+
+def token_loads(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[B, E] int64 top-k assignments each expert gets per image, from token routing indices [B, T, k], before any
+    capacity limit. Each row sums to k*T."""
+    flat = indices.reshape(indices.shape[0], -1)
+    loads = torch.zeros(flat.shape[0], num_experts, dtype=torch.long, device=indices.device)
+    return loads.scatter_add_(1, flat, torch.ones_like(flat))
+
+
+def capacity_drop_rate(loads: torch.Tensor, top_k: int, capacity_factor: float) -> float:
+    """Share of all top-k assignments that a capacity factor drops, from per-image loads [N, E] (`token_loads`).
+
+    An expert keeps min(load, C) of an image's assignments whatever order they queue in, so the count is exact;
+    each image's T is its row sum / k, so images of different sizes can be mixed.
+    """
+    sizes, size_of_image = (loads.sum(-1) // top_k).unique(return_inverse=True)
+    capacity = [expert_capacity(t, loads.shape[-1], top_k, capacity_factor) for t in sizes.tolist()]
+    dropped = (loads - torch.tensor(capacity, device=loads.device)[size_of_image, None]).clamp(min=0).sum()
+    return dropped.item() / max(loads.sum().item(), 1)
+
+
+def fit_capacity_factor(
+    loads: torch.Tensor, top_k: int, max_factor: float, target_drop: float = TARGET_DROP, step: float = CAPACITY_STEP
+) -> float:
+    """Smallest capacity factor, a multiple of `step`, that drops at most `target_drop` of the assignments in `loads`
+    ([N, E] per-image loads, see `token_loads`); `max_factor` (the configured eval factor) if no smaller one does.
+
+    Capacity only grows with the factor, so the first multiple of `step` that meets the target is the smallest.
+    """
+    if not 0 <= target_drop < 1:
+        raise ValueError(f"target_drop={target_drop!r}, use a share of assignments 0 <= target_drop < 1")
+    if loads.numel() == 0 or loads.sum() == 0:
+        raise ValueError("capacity calibration needs the loads of at least one routed image")
+    for i in range(1, math.ceil(max_factor / step - 1e-9)):  # multiples of step below max_factor
+        factor = round(i * step, 6)  # 23 * 0.05 is 1.1500000000000001
+        if capacity_drop_rate(loads, top_k, factor) <= target_drop:
+            return factor
+    return max_factor
