@@ -1,21 +1,29 @@
-"""ViT-MoE: token routing (capacity, drops, BPR), token dispatch against a per-token reference, the ViT family's
-models, MoEC2PSA, bad settings, and one CLI training run on COCO8 followed by predict, reload and val."""
+"""ViT-MoE: token routing (capacity, drops, BPR), token dispatch against a per-token reference, eval capacity
+calibration, the ViT family's models, MoEC2PSA, bad settings, and one CLI training run on COCO8 followed by predict,
+reload and val."""
 
 from __future__ import annotations
 
 import csv
+import pickle
+from copy import deepcopy
 
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from ultralytics.engine.results import Results
-from ultralytics.nn.tasks import torch_safe_load
+from ultralytics.nn.tasks import load_checkpoint, torch_safe_load
 from ultralytics.utils import ASSETS, YAML
 
 from visionmoe import VisionMoE
 from visionmoe.analysis.utilisation import UtilisationTracker
 from visionmoe.nn import MoEMlp, MoESettings, load_model_yaml
+from visionmoe.nn.capacity import calibrate_capacity, token_routed_layers
 from visionmoe.nn.routing import (
+    CAPACITY_STEP,
+    TARGET_DROP,
     capacity_drop_rate,
     expert_capacity,
     fit_capacity_factor,
@@ -137,6 +145,94 @@ def test_fit_capacity_factor_on_constructed_loads():
     assert fit_capacity_factor(mixed, top_k=1, max_factor=2.0, target_drop=0.0) == 1.55  # ceil(15 * 1.55) = 24
     with pytest.raises(ValueError, match="target_drop"):
         fit_capacity_factor(balanced, top_k=1, max_factor=2.0, target_drop=1.0)
+
+
+class MoEStack(nn.Module):
+    """Residual token MLPs whose routers score experts by orthonormal projections: balanced on Gaussian tokens."""
+
+    def __init__(self, layers: int = 3, experts: int = 4, dim: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        settings = MoESettings(experts=experts, top_k=1, capacity_factor=(1.25, 2.0), bpr=True)
+        self.layers = nn.ModuleList(MoEMlp(dim, 2 * dim, settings) for _ in range(layers))
+        with torch.no_grad():
+            for layer in self.layers:
+                gate = layer.router.gate[0]
+                gate.weight.copy_(3 * torch.linalg.qr(torch.randn(dim, dim))[0][:experts])
+                gate.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def measured_drop_rates(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+    kept = {name: [] for name, _ in token_routed_layers(model)}
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+            for name, layer in token_routed_layers(model):
+                kept[name].append(layer.kept)
+    return {name: 1 - torch.cat(k).float().mean().item() for name, k in kept.items()}
+
+
+@pytest.mark.parametrize("target", [TARGET_DROP, 0.1])
+def test_calibration_lowers_balanced_layers_to_the_smallest_factor_within_the_drop_target(target):
+    model = MoEStack()
+    batches = [torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    calibration = calibrate_capacity(model, batches, target)
+    assert model.training  # put back in its mode
+    assert calibration.images == 8 and set(calibration.layers) == {"layers.0", "layers.1", "layers.2"}
+    model.eval()
+    measured = measured_drop_rates(model, batches)
+    for name, layer in token_routed_layers(model):
+        fit = calibration.layers[name]
+        assert fit.factor == layer.eval_capacity_factor < fit.configured == 2.0
+        # exact for these images, though each layer's drops change the routing of the layers after it
+        assert measured[name] == pytest.approx(fit.drop_rate, abs=1e-9) and fit.drop_rate <= target
+    for name, layer in token_routed_layers(model):  # one step less capacity in any layer misses the target
+        layer.eval_capacity_factor = calibration.layers[name].factor - CAPACITY_STEP
+        assert measured_drop_rates(model, batches)[name] > target
+        layer.eval_capacity_factor = calibration.layers[name].factor
+
+
+def test_eval_capacity_factor_survives_checkpoints(tmp_path):
+    model = build_model("visionmoe-vit-t.yaml", nc=2, verbose=False)
+    factors = {}
+    for (name, layer), factor in zip(token_routed_layers(model), (1.1, 0.85)):  # 1.1 is not exact in fp16
+        layer.eval_capacity_factor = factors[name] = factor
+    torch.save({"model": deepcopy(model).half()}, tmp_path / "calibrated.pt")  # fp16, as Ultralytics saves
+    loaded, _ = load_checkpoint(tmp_path / "calibrated.pt")
+    assert {name: layer.eval_capacity_factor for name, layer in token_routed_layers(loaded)} == factors
+    fresh = build_model("visionmoe-vit-t.yaml", nc=2, verbose=False)
+    fresh.load_state_dict(model.state_dict())
+    assert {name: layer.eval_capacity_factor for name, layer in token_routed_layers(fresh)} == factors
+    old = deepcopy(token_routed_layers(model)[0][1])
+    del old._buffers["eval_capacity_milli"]  # a layer pickled before calibration existed gets the configured factor
+    assert pickle.loads(pickle.dumps(old)).eval_capacity_factor == 2.0
+
+
+def test_export_after_calibration_has_smaller_expert_buffers_and_matches_eager(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    model = VisionMoE("visionmoe-vit-t.yaml", experts=4)
+    net = model.model
+    # random routers crowd an image's tokens onto a few experts; a loose target shrinks the buffers all the same
+    calibration = calibrate_capacity(net, [torch.rand(4, 3, 128, 128)], target_drop=0.6)
+    tokens, dim = (128 // 16) ** 2, net.model[0].norm.normalized_shape[0]
+    shapes = {(1, 4, expert_capacity(tokens, 4, 1, f.factor), dim) for f in calibration.layers.values()}
+    assert (1, 4, expert_capacity(tokens, 4, 1, 2.0), dim) not in shapes  # every buffer shrank
+    path = model.export(format="onnx", imgsz=128)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
+    exported = {tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in graph.value_info}
+    assert shapes <= exported and (1, 4, expert_capacity(tokens, 4, 1, 2.0), dim) not in exported
+    session = ort.InferenceSession(path)
+    for img in torch.rand(2, 1, 3, 128, 128):
+        (y,) = session.run(None, {session.get_inputs()[0].name: img.numpy()})
+        with torch.no_grad():
+            expected = net.eval()(img)[0]
+        torch.testing.assert_close(torch.from_numpy(y), expected, atol=1e-3, rtol=1e-4)
 
 
 def test_utilisation_csv_logs_drop_rate_per_expert(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from copy import deepcopy
 from typing import Literal, get_args
 
@@ -126,10 +127,11 @@ class MoEMlp(MoEBlock):
     """Token-routed MoE MLP (V-MoE): each token runs its top-k of E expert MLPs, within a per-image capacity.
 
     x [B, T, D] tokens, or a map [B, D, H, W] whose H*W positions are the tokens -> the same shape. Each expert takes
-    at most C = ceil(k*T*cf/E) tokens per image (cf = capacity_factor[0] in training, [1] in eval); assignments past
-    that are dropped and add 0, so the residual around the block carries the token on. Routing stays within an
-    image, so no output depends on the rest of the batch. `kept` is the last forward's [B, T, k] mask of
-    assignments that got a slot.
+    at most C = ceil(k*T*cf/E) tokens per image (cf = capacity_factor[0] in training, `eval_capacity_factor` in eval:
+    capacity_factor[1] until `nn.capacity.calibrate_capacity` fits it to measured routing); assignments past that
+    are dropped and add 0, so the residual around the block carries the token on. Routing stays within an image, so
+    no output depends on the rest of the batch. `kept` is the last forward's [B, T, k] mask of assignments that got
+    a slot.
     """
 
     def __init__(self, dim: int, hidden: int, settings: MoESettings, act: type[nn.Module] = nn.GELU):
@@ -139,12 +141,34 @@ class MoEMlp(MoEBlock):
         self.router = Router(dim, settings)
         self.experts = MlpExperts(settings.experts, dim, hidden, act)
         self.shared = MlpExperts(1, dim, hidden, act) if settings.shared_expert else None
-        self.capacity_factor = settings.capacity_factor
+        self.capacity_factor = settings.capacity_factor  # (train, eval) as configured; eval caps calibration
+        self._init_eval_capacity()
         self.bpr = settings.bpr
         self.kept: torch.Tensor | None = None
 
+    def _init_eval_capacity(self) -> None:
+        # The eval factor in thousandths, as an integer buffer: checkpointed with the weights, and exact through fp16
+        # checkpoints and the EMA, which both change float state only.
+        self.register_buffer("eval_capacity_milli", torch.tensor(_milli(self.capacity_factor[1])))
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "kept": None}  # scratch state, like `routing`
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "eval_capacity_milli" not in self._buffers:  # pickled by a visionmoe without eval capacity calibration
+            self._init_eval_capacity()
+
+    @property
+    def eval_capacity_factor(self) -> float:
+        """Capacity factor in eval (to 1/1000): capacity_factor[1], or what calibration fitted."""
+        return int(self.eval_capacity_milli) / 1000  # a Python number: the export traces a constant capacity
+
+    @eval_capacity_factor.setter
+    def eval_capacity_factor(self, factor: float) -> None:
+        if not 0.001 <= factor <= self.capacity_factor[1]:
+            raise ValueError(f"eval capacity factor {factor!r} outside [0.001, {self.capacity_factor[1]}] (configured)")
+        self.eval_capacity_milli.fill_(_milli(factor))
 
     @property
     def dropped(self) -> float | None:
@@ -165,8 +189,8 @@ class MoEMlp(MoEBlock):
             x = x.flatten(2).transpose(1, 2)
         self.routing = routing = self.router(x)
         num_experts, tokens = self.experts.num_experts, x.shape[1]
-        cf_train, cf_eval = self.capacity_factor
-        capacity = expert_capacity(tokens, num_experts, self.router.top_k, cf_train if self.training else cf_eval)
+        cf = self.capacity_factor[0] if self.training else self.eval_capacity_factor
+        capacity = expert_capacity(tokens, num_experts, self.router.top_k, cf)
         slots, self.kept = token_slots(routing.indices, routing.gates, num_experts, capacity, self.bpr)
         if self.dispatch == "dense":
             y = token_dense_mixture(x, self.experts, routing.indices, routing.gates * self.kept)
@@ -176,6 +200,11 @@ class MoEMlp(MoEBlock):
         if self.shared is not None:
             y = y + self.shared(x.unsqueeze(1)).squeeze(1)
         return y.transpose(1, 2).reshape(b, d, h, w) if spatial else y
+
+
+def _milli(factor: float) -> int:
+    """A capacity factor in thousandths, rounded up so that it never gives fewer slots (1.1 -> 1100, not 1101)."""
+    return math.ceil(round(factor * 1000, 6))
 
 
 class MoEC2PSA(nn.Module):
