@@ -1,6 +1,6 @@
 """ViT-MoE: token routing (capacity, drops, BPR), token dispatch against a per-token reference, eval capacity
 calibration, the ViT family's models, MoEC2PSA, bad settings, and one CLI training run on COCO8 followed by predict,
-reload and val."""
+reload, calibrate and val."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ultralytics.engine.results import Results
 from ultralytics.nn.tasks import load_checkpoint, torch_safe_load
 from ultralytics.utils import ASSETS, YAML
 
-from visionmoe import VisionMoE
+from visionmoe import MoEDetectionTrainer, VisionMoE
 from visionmoe.analysis.utilisation import UtilisationTracker
 from visionmoe.nn import MoEMlp, MoESettings, load_model_yaml
 from visionmoe.nn.capacity import calibrate_capacity, token_routed_layers
@@ -213,6 +213,17 @@ def test_eval_capacity_factor_survives_checkpoints(tmp_path):
     assert pickle.loads(pickle.dumps(old)).eval_capacity_factor == 2.0
 
 
+def test_training_from_a_calibrated_checkpoint_starts_at_the_configured_eval_capacity(tmp_path, coco8):
+    model = build_model("visionmoe-vit-t.yaml", nc=80, verbose=False)
+    for _, layer in token_routed_layers(model):
+        layer.eval_capacity_factor = 1.1
+    torch.save({"model": model}, tmp_path / "calibrated.pt")
+    args = {"model": str(tmp_path / "calibrated.pt"), "data": "coco8.yaml", "imgsz": 64, "project": str(tmp_path)}
+    trainer = MoEDetectionTrainer(overrides=args)
+    trainer.setup_model()
+    assert [layer.eval_capacity_factor for _, layer in token_routed_layers(trainer.model)] == [2.0, 2.0]
+
+
 def test_export_after_calibration_has_smaller_expert_buffers_and_matches_eager(tmp_path, monkeypatch):
     ort = pytest.importorskip("onnxruntime")
     monkeypatch.chdir(tmp_path)
@@ -378,7 +389,9 @@ def test_cli_train_then_predict_reload_and_val(coco8, tmp_root):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = project / "train"
-    assert "moe" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "moe" in log
+    assert "eval capacity calibrated on 4 images" in log  # best.pt on COCO8's val split, before the final val
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert len(rows) == 1 and float(rows[0]["train/moe"]) > 0
     util = list(csv.DictReader(open(run / "expert_utilisation.csv")))
@@ -391,6 +404,9 @@ def test_cli_train_then_predict_reload_and_val(coco8, tmp_root):
     assert isinstance(ckpt["model"], MoEViTDetectionModel)
 
     model = VisionMoE(weights)
+    trained = {name: layer.eval_capacity_factor for name, layer in token_routed_layers(model.model)}
+    calibration = model.calibrate(data="coco8.yaml", imgsz=64, batch=4, workers=0)  # what training did, again
+    assert calibration.images == 4 and {name: fit.factor for name, fit in calibration.layers.items()} == trained
     results = model.predict(ASSETS / "bus.jpg", imgsz=64, conf=0.0, verbose=False)
     assert isinstance(results[0], Results) and results[0].boxes.data.shape[1] == 6
     _, total, active, gflops = model.info(imgsz=64)

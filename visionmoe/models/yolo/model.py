@@ -6,18 +6,23 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from ultralytics.cfg import DEFAULT_CFG_DICT
+from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
+from ultralytics.data.utils import check_det_dataset
 from ultralytics.engine.model import Model
 from ultralytics.models.yolo.detect import DetectionPredictor, DetectionValidator
 from ultralytics.nn.tasks import load_checkpoint
 from ultralytics.utils import RANK
+from ultralytics.utils.torch_utils import select_device
 
 from ...analysis import analyze
 from ...data import find_data_yaml
+from ...nn.capacity import Calibration
+from ...nn.routing import TARGET_DROP
 from ...nn.settings import check_keys
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
 from ...utils import is_image_file, readable_image
+from .calibrate import calibrate_split
 from .train import MoEDetectionTrainer
 
 DEFAULT_MODEL = "visionmoe-yolo-n.yaml"
@@ -117,6 +122,24 @@ class VisionMoE(Model):
             raise ValueError("analyze needs a dataset: pass data=path/to/data.yaml")
         args["data"] = find_data_yaml(args["data"])
         return analyze(self.model, args, self.callbacks)
+
+    def calibrate(self, data: str | None = None, target_drop: float = TARGET_DROP, **kwargs: Any) -> Calibration:
+        """Fit the eval capacity factor of every token-routed layer to the routing measured on a dataset split: the
+        smallest (a multiple of 0.05) that drops at most `target_drop` of the layer's assignments, never above the
+        configured one. An export made afterwards computes the correspondingly smaller expert buffers.
+
+        Takes Ultralytics' val arguments (imgsz, batch, device, split, workers); `data` defaults to the checkpoint's
+        training data. Images are letterboxed square, as a static export at imgsz sees them. The factors belong to
+        the model: `save()` or `export()` it afterwards. Returns each layer's factor and drop rates.
+        """
+        self._check_is_pytorch_model()
+        args = get_cfg(overrides={**self.overrides, **kwargs, "mode": "val"})
+        args.data = data or args.data
+        if not args.data:
+            raise ValueError("calibrate needs a dataset: pass data=path/to/data.yaml")
+        device = select_device(args.device, verbose=False)
+        self.model.float().to(device)
+        return calibrate_split(self.model, args, check_det_dataset(find_data_yaml(args.data)), device, target_drop)
 
     @property
     def task_map(self) -> dict[str, dict[str, Any]]:

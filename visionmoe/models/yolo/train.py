@@ -17,10 +17,12 @@ from ...analysis.report import run_info, write_analysis
 from ...analysis.utilisation import UtilisationTracker
 from ...analysis.validator import RoutingValidator
 from ...data import find_data_yaml
+from ...nn.capacity import reset_capacity, token_routed_layers
 from ...nn.settings import check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
 from ...utils import is_image_file, readable_image, use_allowed_cpus
+from .calibrate import calibrate_checkpoint
 
 UTILISATION_CSV = "expert_utilisation.csv"
 
@@ -30,8 +32,9 @@ class MoEDetectionTrainer(DetectionTrainer):
 
     Accepts MoE settings (experts=8, top_k=2, ...) beside the Ultralytics arguments; they apply when the model is
     built from a YAML. The 'moe' loss column comes from MoEDetectionModel.loss; per-epoch expert shares go to
-    `expert_utilisation.csv` in the run folder. Validation records routing, and at the end of training the final
-    validation's utilisation and NMI summary goes to analysis.json and analysis.md in the run folder.
+    `expert_utilisation.csv` in the run folder. Validation records routing. At the end of training, best.pt's eval
+    capacity is calibrated on the val split (token-routed models), and the final validation's utilisation and NMI
+    summary goes to analysis.json and analysis.md in the run folder.
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks=None):
@@ -93,6 +96,15 @@ class MoEDetectionTrainer(DetectionTrainer):
             for path in (self.csv, self.save_dir / UTILISATION_CSV):
                 drop_epochs_after(path, self.start_epoch)  # rows count epochs from 1: start_epoch is the last kept
 
+    def final_eval(self) -> None:
+        """Calibrate the eval capacity of best.pt's token-routed layers on the val split, then Ultralytics' final
+        validation of best.pt, so that the mAP and drop rates it reports are those of the calibrated model."""
+        if RANK in {-1, 0} and self.best.exists() and token_routed_layers(unwrap_model(self.model)):
+            args = copy(self.args)
+            args.batch = self.batch_size  # resolved, where args.batch=-1 asks for AutoBatch
+            calibrate_checkpoint(self.best, args, self.data, self.device)
+        super().final_eval()
+
     def get_model(self, cfg=None, weights=None, verbose: bool = True) -> MoEModel:
         """Build the MoE model for this dataset's classes, optionally loading weights; dense weights
         (`pretrained=yolo11n.pt`) upcycle it: experts start from the dense blocks they replace."""
@@ -102,6 +114,7 @@ class MoEDetectionTrainer(DetectionTrainer):
         model = self.set_model_names_for_load(model)
         if isinstance(weights, MoEModel):
             model.load(weights)
+            reset_capacity(model)  # calibration fitted the loaded weights' routing, which training changes
         elif weights:
             upcycle(model, weights, verbose=verbose and RANK in {-1, 0})
         return model
