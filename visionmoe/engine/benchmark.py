@@ -43,20 +43,18 @@ def dense_baseline(model: VisionMoE, name: str) -> str:
     scale = model.model.yaml.get("scale")
     if scale is None and str(name).endswith((".yaml", ".yml")):
         scale = find_model_yaml(name)[1]
-    if scale not in tuple(YOLO_SCALES):
-        raise ValueError(
-            f"'{name}' has no YOLO11 scale to compare with (scale {scale!r}); pass the dense model as baseline=..."
-        )
+    if "vit" in model.model.yaml or scale not in tuple(YOLO_SCALES):  # ViT scales are no YOLO11 scales
+        raise ValueError(f"'{name}' has no YOLO11 of its scale to compare with; pass the dense model as baseline=...")
     return f"yolo11{scale}.yaml"
 
 
-def _export(model: VisionMoE | YOLO, folder: Path, fmt: str, imgsz: int, device: str, form: str | None) -> str:
+def _export(model: VisionMoE | YOLO, folder: Path, fmt: str, imgsz: int, device: str, form: str) -> str:
     """Export into its own folder, so forms and formats never overwrite each other."""
     folder.mkdir(parents=True, exist_ok=True)
     model.model.pt_path = str(folder / f"{folder.name}.pt")  # exporters write next to the model's .pt path
     args: dict[str, Any] = {"format": fmt, "imgsz": imgsz, "batch": 1, "device": device}
     if isinstance(model, VisionMoE):
-        args["moe_dispatch"] = form or "auto"
+        args["moe_dispatch"] = form
     elif fmt in {"onnx", "engine"}:
         args["simplify"] = False  # the MoE exports are folded by onnxscript, not onnxslim, which may be absent
     return model.export(**args)
@@ -83,7 +81,7 @@ def benchmark(
         project, name: Where the run folder goes (default runs/detect/benchmark, incremented).
         **moe: MoE settings (experts=8, ...) applied when `model` is a YAML.
     """
-    from ..export.formats import tensorrt_available  # export tooling loads only when used
+    from ..export import default_dispatch, tensorrt_available  # export tooling loads only when used
 
     data = str(find_data_yaml(data))
     moe_model = VisionMoE(model, **moe)
@@ -105,11 +103,11 @@ def benchmark(
         for family, m in (("moe", moe_model), ("dense", dense_model)):
             if family == "dense" and form == "gather":
                 continue  # one ONNX row for the dense model
-            moe_form = (form or "auto") if family == "moe" else ""
+            moe_form = (form or default_dispatch(1, fmt)) if family == "moe" else ""
             row = {"model": labels[family], "family": family, "format": fmt, "moe_form": moe_form, "runtime": runtime}
             folder = save_dir / "exports" / "-".join(filter(None, (labels[family], fmt, moe_form)))
             try:
-                row["path"] = _export(m, folder, fmt, imgsz, device, form)
+                row["path"] = _export(m, folder, fmt, imgsz, device, moe_form)
                 row["size_MB"] = round(file_size(row["path"]), 2)
             except Exception as e:  # a format that fails for one model is recorded, the others go on
                 row["status"] = f"export failed: {' '.join(str(e).split())[:160]}"

@@ -29,29 +29,38 @@ from ..nn.static import BranchExperts, StaticExportError
 from ..nn.tasks import MoEModel
 from .branches import expand_switches, sink_initializers
 from .checks import check_static_graph
+from .formats import onnx_to_openvino, tensorrt_available
 
 EXPORT_DISPATCHES = ("auto", "branch", "gather", "dense")  # values of moe_dispatch; 'auto' is `default_dispatch`
+EXPORT_FORMATS = ("onnx", "openvino", "torchscript", "engine")  # all built from the static sparse form
 EXPORT_KEYS = ("moe_dispatch",)  # visionmoe-only export arguments, popped before Ultralytics checks the rest
 DEFAULT_OPSET = 17  # TensorRT-friendly and supported by every current ONNX Runtime
 
 
-def default_dispatch(batch: int) -> str:
+def default_dispatch(batch: int, fmt: str = "onnx") -> str:
     """The faster sparse form for an export batch: `If` over constant-weight experts at batch 1, gathered weights above.
 
     At batch > 1 the branch form would run one `If` tree per image and slot, each with its own copy of the weights.
+    TorchScript is traced tensor code, which holds no `If` subgraphs, so it always takes the gathered form.
     """
-    return "branch" if batch == 1 else "gather"
+    return "branch" if batch == 1 and fmt != "torchscript" else "gather"
 
 
 def preflight_args(args: Any, dispatch: str) -> None:
     """Refuse, in one line, export settings that cannot give a static MoE graph."""
     if dispatch not in EXPORT_DISPATCHES:
         raise StaticExportError(f"moe_dispatch='{dispatch}' is not an export dispatch, use one of {list(EXPORT_DISPATCHES)}")
-    if args.format != "onnx":
+    if args.format not in EXPORT_FORMATS:
         raise StaticExportError(
-            f"format='{args.format}' cannot export MoE models yet: use format=onnx (for TensorRT, build the engine "
-            f"from the ONNX file, see export/README.md)"
+            f"format='{args.format}' cannot export MoE models sparsely: use one of {', '.join(EXPORT_FORMATS)}"
         )
+    if args.format == "engine" and not tensorrt_available():
+        raise StaticExportError(
+            "format=engine needs a CUDA GPU and the tensorrt package: build the engine on the target device, or "
+            "export format=onnx and build it there (see export/README.md)"
+        )
+    if args.format == "torchscript" and dispatch == "branch":
+        raise StaticExportError("moe_dispatch=branch is an ONNX form: TorchScript exports moe_dispatch=gather (or auto)")
     if args.dynamic:
         raise StaticExportError("dynamic=True cannot export MoE models: the graph is static, fix 'batch' and 'imgsz' instead")
     if args.nms:
@@ -112,37 +121,62 @@ class MoEExporter(Exporter):
         overrides = dict(overrides or {})
         self.moe_dispatch = overrides.pop("moe_dispatch", None) or "auto"
         super().__init__(cfg, overrides, _callbacks)
-        self.args.opset = self.args.opset or DEFAULT_OPSET
 
     def __call__(self, model: MoEModel) -> str:
-        """Export `model` and return the ONNX path; nothing is written if any step fails."""
+        """Export `model` and return the path written; nothing is written if any step fails."""
         self.args.format = str(self.args.format).lower()
         preflight_args(self.args, self.moe_dispatch)
         if self.moe_dispatch == "auto":
-            self.moe_dispatch = default_dispatch(self.args.batch)
+            self.moe_dispatch = default_dispatch(self.args.batch, self.args.format)
         target = export_path(model)
         prepared = prepare(model, self.moe_dispatch)
-        # Write into a scratch folder beside the target and move the file into place only once it passed the checks
+        # Write into a scratch folder beside the target and move the result into place only once it passed the checks
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".visionmoe-export-", dir=target.parent))
         try:
             prepared.pt_path = str(scratch / target.with_suffix(".pt").name)
-            f = super().__call__(prepared)
-            branch = self.moe_dispatch == "branch"
-            if branch:
-                experts = {m.name: m.experts for m in prepared.modules() if isinstance(m, BranchExperts)}
-                expand_switches(f, experts, self.args.opset)
-            fold_shapes(f)
-            check_static_graph(f, self.args.opset, allow_if=branch, constant_conv_weights=self.moe_dispatch != "gather")
-            os.replace(f, target)
+            f = Path(super().__call__(prepared))
+            final = target.with_name(f.name)
+            if final.is_dir():  # an OpenVINO folder from an earlier export
+                shutil.rmtree(final)
+            os.replace(f, final)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        LOGGER.info(f"{colorstr('visionmoe:')} {self.moe_dispatch} MoE export saved to {target.resolve()}")
-        return str(target)
+        LOGGER.info(f"{colorstr('visionmoe:')} {self.moe_dispatch} MoE {self.args.format} export saved to {final.resolve()}")
+        return str(final)
 
-    def export_onnx(self, prefix=colorstr("ONNX:")):  # noqa: B008
-        """Ultralytics' ONNX export with the MoE settings and dispatch added to the metadata."""
+    def add_moe_metadata(self) -> None:
+        """The MoE settings and the form written, beside Ultralytics' metadata (names, stride, imgsz, ...)."""
         self.metadata["moe"] = self.model.moe_settings.to_dict()
         self.metadata["moe_dispatch"] = self.moe_dispatch
+
+    def export_onnx(self, prefix=colorstr("ONNX:")):  # noqa: B008
+        """Ultralytics' ONNX export, then the branch form's `If` trees, shape folding and the static checks.
+
+        Every other format (OpenVINO, TensorRT) is built from this checked file.
+        """
+        self.add_moe_metadata()
+        # Set here, not in __init__: Ultralytics refuses an opset argument for formats other than ONNX and TensorRT,
+        # which are built from this ONNX all the same.
+        self.args.opset = self.args.opset or DEFAULT_OPSET
         with torch.no_grad():
-            return super().export_onnx(prefix)
+            f = super().export_onnx(prefix)
+        branch = self.moe_dispatch == "branch"
+        if branch:
+            experts = {m.name: m.experts for m in self.model.modules() if isinstance(m, BranchExperts)}
+            expand_switches(f, experts, self.args.opset)
+        fold_shapes(f)
+        check_static_graph(f, self.args.opset, allow_if=branch, constant_conv_weights=self.moe_dispatch != "gather")
+        return f
+
+    def export_openvino(self, prefix=colorstr("OpenVINO:")):  # noqa: B008
+        """OpenVINO IR converted from the checked static ONNX (see formats.py)."""
+        f = onnx_to_openvino(self.export_onnx(), self.metadata)
+        LOGGER.info(f"{prefix} converted the static ONNX graph to '{f}'")
+        return f
+
+    def export_torchscript(self, prefix=colorstr("TorchScript:")):  # noqa: B008
+        """Ultralytics' TorchScript export of the gathered form, with the MoE metadata."""
+        self.add_moe_metadata()
+        with torch.no_grad():
+            return super().export_torchscript(prefix)

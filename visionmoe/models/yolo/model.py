@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,14 @@ def check_image_files(source: Any) -> None:
         if isinstance(item, (str, Path)) and is_image_file(item) and Path(item).is_file():
             if not readable_image(item):
                 raise ValueError(f"cannot read image '{item}': it is corrupt or not an image; pass a readable image file")
+
+
+def traced_batch(path: str | Path) -> int:
+    """Batch of a TorchScript export, from the Ultralytics metadata it carries (extra file config.txt): the static
+    MoE forms fold the batch into their grouped convs, so a trace runs only at that batch."""
+    with zipfile.ZipFile(path) as archive:
+        config = next((n for n in archive.namelist() if n.endswith("extra/config.txt")), None)
+        return int(json.loads(archive.read(config)).get("batch", 1)) if config else 1
 
 
 class VisionMoE(Model):
@@ -73,9 +83,12 @@ class VisionMoE(Model):
         return super().predict(source, stream=stream, predictor=predictor, **kwargs)
 
     def val(self, validator=None, **kwargs: Any):
-        """Ultralytics val; packaged dataset names (synth-shapes.yaml) resolve like in train."""
+        """Ultralytics val; packaged dataset names (synth-shapes.yaml) resolve like in train, and a TorchScript
+        export runs at the batch it was traced at (Ultralytics assumes TorchScript batches freely)."""
         if kwargs.get("data"):
             kwargs["data"] = find_data_yaml(kwargs["data"])
+        if str(self.model).endswith(".torchscript"):
+            kwargs.setdefault("batch", traced_batch(self.model))
         return super().val(validator=validator, **kwargs)
 
     def train(self, trainer=None, **kwargs: Any):
