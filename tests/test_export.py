@@ -25,6 +25,7 @@ from ultralytics.utils import ASSETS
 
 from visionmoe import VisionMoE
 from visionmoe.export import DEFAULT_OPSET, default_dispatch, prepare, static_graph_problems
+from visionmoe.export.formats import tensorrt_available
 from visionmoe.nn import MoEBlock
 from visionmoe.nn.static import StaticExportError
 
@@ -290,7 +291,12 @@ def test_graph_runs_only_chosen_experts(exported, val_images):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (dict(format="torchscript"), "format='torchscript' cannot export MoE models"),
+        (dict(format="coreml"), "format='coreml' cannot export MoE models sparsely"),
+        (dict(format="torchscript", moe_dispatch="branch"), "moe_dispatch=branch is an ONNX form"),
+        pytest.param(
+            dict(format="engine"), "format=engine needs a CUDA GPU and the tensorrt package",
+            marks=pytest.mark.skipif(tensorrt_available(), reason="TensorRT can build engines here"),
+        ),
         (dict(dynamic=True), "dynamic=True cannot export MoE models"),
         (dict(nms=True), "nms=True cannot export MoE models"),
         (dict(quantize=16), "quantize=16 cannot export MoE models"),
@@ -357,6 +363,41 @@ def test_cli_export_of_trained_checkpoint(trained_onnx, val_images):
     result = run_cli("export", f"model={trained_onnx.with_suffix('.pt')}", "dynamic=True")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "dynamic=True cannot export MoE models" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_formats(trained_onnx) -> dict[str, Path]:
+    """The same checkpoint exported to OpenVINO (from the branch-form ONNX) and TorchScript (gather form)."""
+    pt = trained_onnx.with_suffix(".pt")
+    return {fmt: Path(VisionMoE(str(pt)).export(format=fmt, imgsz=IMGSZ)) for fmt in ("openvino", "torchscript")}
+
+
+def test_openvino_and_torchscript_equal_pytorch(trained_onnx, trained_formats, val_images):
+    import openvino as ov
+
+    model = VisionMoE(str(trained_onnx.with_suffix(".pt"))).model.eval()
+    ov_dir, ts_file = trained_formats["openvino"], trained_formats["torchscript"]
+    assert ov_dir.name == "best_openvino_model" and (ov_dir / "metadata.yaml").is_file()
+    xml = ov_dir / "best.xml"
+    assert sum(op.get_type_name() == "If" for op in ov.Core().read_model(xml).get_ops()) > 0  # the branch form
+    # fp32 for parity: OpenVINO's CPU plugin runs bf16 by default where the processor has it (for YOLO11 alike)
+    compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    scripted = torch.jit.load(str(ts_file))
+    for x in val_images.split(1):
+        ref = torch_reference(model, x)[0]
+        tol = ATOL * np.abs(ref).max()
+        assert np.abs(compiled({0: x.numpy()})[0] - ref).max() <= tol
+        out = scripted(x)
+        assert np.abs((out[0] if isinstance(out, (list, tuple)) else out).numpy() - ref).max() <= tol
+
+
+@pytest.mark.parametrize("fmt", ["openvino", "torchscript"])
+def test_formats_predict_and_val(trained_formats, fmt, coco8):
+    model = VisionMoE(str(trained_formats[fmt]))
+    results = model.predict(BUS, imgsz=IMGSZ, save=False, verbose=False)
+    assert len(results) == 1 and results[0].boxes is not None
+    metrics = VisionMoE(str(trained_formats[fmt])).val(data="coco8.yaml", imgsz=IMGSZ, plots=False, verbose=False)
+    assert 0.0 <= metrics.box.map50 <= 1.0
 
 
 def test_autobackend_predict_and_val(trained_onnx, coco8):
