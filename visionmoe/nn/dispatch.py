@@ -78,6 +78,9 @@ def static_mixture(x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, g
         [N, ...out]; each slot's outputs line up with the items, so they combine by a weighted sum, with no scatter.
     """
     n, k = indices.shape
+    if k == 1:  # the common case, without the copy of x and the reduction over slots in the graph
+        y = experts(x, indices[:, 0])
+        return y * _expand_gates(gates[:, 0], y)
     xk = torch.cat([x] * k)  # [k*N, ...] slot-major; a Concat, since traced expand() leaves runtime shape ops
     y = experts(xk, indices.t().flatten()).unflatten(0, (k, n))  # [k, N, ...out]
     return (y * _expand_gates(gates.t(), y)).sum(0)
