@@ -11,6 +11,7 @@ from torch import nn
 from ultralytics.nn.modules import C2PSA, C3k2
 
 from .dispatch import (
+    batched_mixture,
     combine_tokens,
     dense_mixture,
     dispatch_tokens,
@@ -24,15 +25,16 @@ from .routing import Routing, expert_capacity, token_slots
 from .settings import MoESettings
 from .static import BranchExperts, GatheredExperts, StaticExportError
 
-Dispatch = Literal["sparse", "dense", "gather", "branch"]
+Dispatch = Literal["sparse", "batched", "dense", "gather", "branch"]
 STATIC_DISPATCHES = ("gather", "branch")  # the export forms, built by `static_experts_form`
 
 
 class MoEBlock(nn.Module):
     """Base of all MoE blocks: holds the router, the experts and the last routing decision.
 
-    `dispatch` picks how the experts run: 'sparse' (only chosen experts compute, the default), 'dense'
-    (the reference: every expert runs and unchosen ones are weighted 0), or one of the static export forms, in which
+    `dispatch` picks how the experts run: 'sparse' (only chosen experts compute, the default), 'batched' (the same
+    result with one call per expert layer, see `batched_mixture`), 'dense' (the reference: every expert runs and
+    unchosen ones are weighted 0), or one of the static export forms, in which
     only chosen experts compute with static shapes: 'gather' (branch-free tensor code over gathered weights) or
     'branch' (each expert its own constant-weight module, selected through ONNX `If` in export); `set_dispatch`
     builds the form. Routing is the same in all of them. Export calls `set_dispatch` with a static form on every
@@ -71,7 +73,7 @@ class MoEBlock(nn.Module):
     def mixture(self, x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch.Tensor:
         if self.dispatch in STATIC_DISPATCHES:
             return static_mixture(x, self.static_experts, routing.indices, routing.gates)
-        mix = sparse_mixture if self.dispatch == "sparse" else dense_mixture
+        mix = {"sparse": sparse_mixture, "batched": batched_mixture, "dense": dense_mixture}[self.dispatch]
         return mix(x, experts, routing.indices, routing.gates)
 
 

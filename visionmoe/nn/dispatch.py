@@ -2,6 +2,7 @@
 
 `sparse_mixture` runs each expert only on the items that chose it; `dense_mixture` is its reference, which runs
 every expert on every item and weights by the gates (tests compare the two; export can emit it on request);
+`batched_mixture` computes what `sparse_mixture` does with one call per expert layer instead of one per expert;
 `static_mixture` is the export form of the sparse one: only chosen experts compute, with static shapes.
 """
 
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .batched import BatchedRun
 
 
 def _expand_gates(gates: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -47,11 +50,44 @@ def sparse_mixture(
         y = y * _expand_gates(g, y)
         out = y.new_zeros((n, *y.shape[1:])) if out is None else out
         out = out.index_add(0, items, y)
+    return _join_unused(out, unused)
+
+
+def _join_unused(out: torch.Tensor, unused: Sequence[nn.Module]) -> torch.Tensor:
+    """`out`, with the experts no item chose joining the graph with an exact zero when DDP runs."""
     if unused and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized():
         # DistributedDataParallel expects a gradient for every parameter; experts no item chose this step join
         # the graph with an exact zero instead of running.
         out = out + sum(p.sum() for expert in unused for p in expert.parameters()) * 0.0
     return out
+
+
+def batched_mixture(
+    x: torch.Tensor, experts: Sequence[nn.Module], indices: torch.Tensor, gates: torch.Tensor
+) -> torch.Tensor:
+    """`sparse_mixture` with one call per expert layer: each layer runs every (item, slot) pair at once.
+
+    Convs run as one grouped conv (or batched matmul) over the pairs' gathered weights, and an expert's BatchNorm
+    normalises over the items routed to it, as in `sparse_mixture` (see `batched.BatchedRun`). Only the chosen
+    experts' weights are gathered, so the others get no gradient, as there. On CPU at imgsz 128 it measured slower
+    than `sparse_mixture` (benchmarks/results/train_speed.md), so it is opt-in.
+
+    Args:
+        x: [N, ...] items (images).
+        experts: E modules of one structure that `BatchedRun` knows, mapping [n, ...] to [n, ...out].
+        indices: [N, k] chosen experts per item.
+        gates: [N, k] their weights.
+
+    Returns:
+        [N, ...out] with out[i] = sum_j gates[i, j] * experts[indices[i, j]](x[i]).
+    """
+    counts = torch.bincount(indices.reshape(-1), minlength=len(experts)).tolist()
+    used = [e for e, c in enumerate(counts) if c]
+    position = torch.zeros(len(experts), dtype=indices.dtype, device=indices.device)
+    position[used] = torch.arange(len(used), device=indices.device)  # expert -> its place among the used ones
+    chosen, used_counts = [experts[e] for e in used], [counts[e] for e in used]
+    out = static_mixture(x, lambda xk, index: BatchedRun(index, used_counts)(chosen, xk), position[indices], gates)
+    return _join_unused(out, [expert for expert, c in zip(experts, counts) if not c])
 
 
 def dense_mixture(
