@@ -1,0 +1,103 @@
+"""Training-step cost of the YOLO-MoE against dense YOLO11 at the same active FLOPs, per MoE training dispatch.
+
+One step is forward, the detection loss (plus the MoE aux loss, which `MoEModel.loss` adds) and backward, on a batch of
+synth-shapes images with their labels, fresh weights in train mode. Steps are timed in interleaved rounds (one step of
+every model per round), so load from other processes hits all alike. Target (issue 10): MoE / dense <= 1.2.
+
+    python benchmarks/train_step.py [--scale n] [--experts 4] [--top-k 1] [--imgsz 128] [--batch 16] [--rounds 15]
+    python benchmarks/train_step.py --threads 1        # one thread: no OpenMP barriers stalled by other load
+    python benchmarks/train_step.py --profile batched   # torch.profiler table of one dispatch's step and the dense one
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import get_args
+
+import numpy as np
+import torch
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel
+
+from visionmoe.data.synth import CLASSES, render
+from visionmoe.nn.blocks import STATIC_DISPATCHES, Dispatch
+from visionmoe.nn.tasks import build_model
+from visionmoe.utils import allowed_cpus
+from visionmoe.utils.latency import interleaved_median_ms
+
+TRAIN_DISPATCHES = tuple(d for d in get_args(Dispatch) if d not in STATIC_DISPATCHES)
+
+
+def synth_batch(n: int, imgsz: int) -> dict[str, torch.Tensor]:
+    """n synth-shapes images with their labels, collated as Ultralytics' trainer hands them to the loss."""
+    imgs, cls, boxes, idx = [], [], [], []
+    for i in range(n):
+        img, labels, _ = render(i, imgsz=imgsz)
+        imgs.append(torch.from_numpy(np.ascontiguousarray(img[..., ::-1].transpose(2, 0, 1))).float() / 255)
+        cls.append(torch.from_numpy(labels[:, :1]).float())
+        boxes.append(torch.from_numpy(labels[:, 1:]).float())
+        idx.append(torch.full((len(labels),), i, dtype=torch.float))
+    return {"img": torch.stack(imgs), "cls": torch.cat(cls), "bboxes": torch.cat(boxes), "batch_idx": torch.cat(idx)}
+
+
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], dispatch: str | None = None) -> None:
+    """One forward, loss and backward; `dispatch` sets every MoE block's dispatch first."""
+    for block in model.moe_blocks() if dispatch else ():
+        block.dispatch = dispatch
+    model.zero_grad(set_to_none=True)
+    loss, _ = model.loss(batch)
+    loss.sum().backward()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="n")
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--imgsz", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=allowed_cpus(), help="torch threads (default: all allowed)")
+    parser.add_argument("--dispatches", nargs="+", default=[d for d in TRAIN_DISPATCHES if d != "dense"],
+                        choices=TRAIN_DISPATCHES, help="MoE training dispatches to time ('dense' runs every expert)")
+    parser.add_argument("--profile", choices=TRAIN_DISPATCHES, help="profile this dispatch and the dense model")
+    args = parser.parse_args(argv)  # fmt: skip
+    torch.set_num_threads(args.threads)
+    hyp = get_cfg()  # the default loss gains (box, cls, dfl), as the trainer passes them
+    torch.manual_seed(0)
+    dense = DetectionModel(f"yolo11{args.scale}.yaml", nc=len(CLASSES), verbose=False).train()
+    torch.manual_seed(0)
+    moe = build_model(
+        f"visionmoe-yolo-{args.scale}.yaml", nc=len(CLASSES), verbose=False, experts=args.experts, top_k=args.top_k
+    ).train()
+    dense.args = moe.args = hyp
+    batch = synth_batch(args.batch, args.imgsz)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        profiled = {args.profile: lambda: train_step(moe, batch, args.profile)}
+        profiled["dense"] = lambda: train_step(dense, batch)
+        for name, step in profiled.items():
+            for _ in range(3):
+                step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    step()
+            print(f"\n== {name} (5 steps) ==")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        return
+
+    steps = {"dense": lambda: train_step(dense, batch)}
+    steps.update({f"moe {d}": (lambda d=d: train_step(moe, batch, d)) for d in args.dispatches})
+    ms = interleaved_median_ms(steps, args.rounds)
+    print(f"train step: forward + loss + backward, visionmoe-yolo-{args.scale} (E={args.experts}, k={args.top_k}) vs "
+          f"yolo11{args.scale}, imgsz {args.imgsz}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds")  # fmt: skip
+    for name, value in ms.items():
+        ratio = "" if name == "dense" else f"   MoE/dense {value / ms['dense']:.3f} (target <= 1.2)"
+        print(f"{name:>14}: {value:8.1f} ms{ratio}")
+
+
+if __name__ == "__main__":
+    main()
