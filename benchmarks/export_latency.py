@@ -36,7 +36,7 @@ def export_moe(folder: Path, experts: int, dispatch: str, imgsz: int, scale: str
 def export_dense(folder: Path, imgsz: int, scale: str, fmt: str) -> str:
     model = YOLO(f"yolo11{scale}.yaml")
     model.model.pt_path = str(folder / f"yolo11{scale}-{imgsz}.pt")
-    return model.export(format=fmt, imgsz=imgsz, batch=1, simplify=False)
+    return model.export(format=fmt, imgsz=imgsz, batch=1, **({"simplify": False} if fmt == "onnx" else {}))
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 from ultralytics.data.augment import LetterBox
-from ultralytics.utils import ASSETS
+from ultralytics.utils import ASSETS, YAML
 
 from visionmoe import VisionMoE
 from visionmoe.export import DEFAULT_OPSET, default_dispatch, prepare, static_graph_problems
@@ -379,7 +379,8 @@ def test_openvino_and_torchscript_equal_pytorch(trained_onnx, trained_formats, v
     ov_dir, ts_file = trained_formats["openvino"], trained_formats["torchscript"]
     assert ov_dir.name == "best_openvino_model" and (ov_dir / "metadata.yaml").is_file()
     xml = ov_dir / "best.xml"
-    assert sum(op.get_type_name() == "If" for op in ov.Core().read_model(xml).get_ops()) > 0  # the branch form
+    assert YAML.load(ov_dir / "metadata.yaml")["moe_dispatch"] == default_dispatch(1, "openvino") == "gather"
+    assert not any(op.get_type_name() == "If" for op in ov.Core().read_model(xml).get_ops())
     # fp32 for parity: OpenVINO's CPU plugin runs bf16 by default where the processor has it (for YOLO11 alike)
     compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     scripted = torch.jit.load(str(ts_file))
