@@ -40,6 +40,7 @@ Examples:
   visionmoe track model=runs/detect/train/weights/best.pt source=video.mp4 tracker=bytetrack.yaml
   visionmoe val model=runs/detect/train/weights/best.pt data=coco8.yaml
   visionmoe export model=runs/detect/train/weights/best.pt format=onnx
+  visionmoe export model=runs/detect/train/weights/best.pt format=openvino   # or torchscript, engine (GPU)
   visionmoe analyze model=runs/detect/train/weights/best.pt data=coco8.yaml   # routing analysis of the val split
   visionmoe info model=visionmoe-yolo-m.yaml
   visionmoe compare data=synth-shapes.yaml models=visionmoe-yolo-n.yaml,yolo11n.yaml epochs=10 imgsz=128 seeds=3

@@ -122,6 +122,10 @@ class MoEExporter(Exporter):
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks: dict | None = None):
         overrides = dict(overrides or {})
         self.moe_dispatch = overrides.pop("moe_dispatch", None) or "auto"
+        # The ONNX graph is folded by onnxscript (fold_shapes); onnxslim, an optional extra, runs only when asked for
+        # (Ultralytics refuses the key for formats without ONNX, so it is set only where it applies)
+        if str(overrides.get("format", "onnx")).lower() in {"onnx", "engine"}:
+            overrides.setdefault("simplify", False)
         super().__init__(cfg, overrides, _callbacks)
 
     def __call__(self, model: MoEModel) -> str:
