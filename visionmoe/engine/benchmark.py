@@ -56,7 +56,7 @@ def _export(model: VisionMoE | YOLO, folder: Path, fmt: str, imgsz: int, device:
     if isinstance(model, VisionMoE):
         args["moe_dispatch"] = form
     elif fmt in {"onnx", "engine"}:
-        args["simplify"] = False  # the MoE exports are folded by onnxscript, not onnxslim, which may be absent
+        args["simplify"] = False  # as the MoE exports: onnxslim is an optional extra, often absent
     return model.export(**args)
 
 
