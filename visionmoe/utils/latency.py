@@ -51,13 +51,6 @@ def interleaved_median_ms(
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def median_ms(
-    fn: Callable[[], object], runs: int = 20, warmup: int = 3, sync: Callable[[], None] | None = None
-) -> float:
-    """Median milliseconds of `fn()` over `runs` calls after `warmup` calls; `sync` waits for async devices."""
-    return interleaved_median_ms({"fn": fn}, runs, warmup, sync)["fn"]
-
-
 def torch_latency_ms(
     models: dict[str, BaseModel], imgsz: int, device: str = "cpu", runs: int = 20, warmup: int = 3
 ) -> dict[str, float]:
