@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -15,6 +17,23 @@ def packaged_dir(name: str) -> Path:
     package = Path(__file__).resolve().parents[1]
     installed = package / name  # setuptools maps the top-level folders into the package (pyproject.toml)
     return installed if installed.is_dir() else package.parent / name
+
+
+def partial_path(path: Path) -> Path:
+    """Hidden name beside `path` under which a new version of it is written before it replaces the old one."""
+    return path.with_name(f".{path.name}.partial")
+
+
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a path to write the new version of `path` to; it replaces `path` only if the block completes, so an
+    interrupt leaves the old file or the new one, never half of one."""
+    partial = partial_path(path)
+    try:
+        yield partial
+        os.replace(partial, path)  # atomic on POSIX and Windows
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def is_image_file(path: str | Path) -> bool:

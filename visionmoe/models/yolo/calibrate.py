@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from copy import copy, deepcopy
 from pathlib import Path
@@ -15,6 +14,7 @@ from ultralytics.utils.patches import torch_load
 
 from ...nn.capacity import Calibration, calibrate_capacity, token_routed_layers
 from ...nn.routing import TARGET_DROP
+from ...utils import replaced_atomically
 
 
 class SplitImages:
@@ -80,7 +80,6 @@ def calibrate_checkpoint(
     calibration = calibrate_split(fitted, args, data, device, target_drop)
     for (_, layer), (_, fit) in zip(token_routed_layers(model), token_routed_layers(fitted)):
         layer.eval_capacity_factor = fit.eval_capacity_factor
-    partial = path.with_name(f".{path.name}.partial")
-    torch.save(ckpt, partial)
-    os.replace(partial, path)  # an interrupt leaves the old checkpoint or the new one, never half of one
+    with replaced_atomically(path) as partial:
+        torch.save(ckpt, partial)
     return calibration

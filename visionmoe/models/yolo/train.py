@@ -21,7 +21,7 @@ from ...nn.capacity import reset_capacity, token_routed_layers
 from ...nn.settings import check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
-from ...utils import is_image_file, readable_image, use_allowed_cpus
+from ...utils import is_image_file, partial_path, readable_image, replaced_atomically, use_allowed_cpus
 from .calibrate import calibrate_checkpoint
 
 UTILISATION_CSV = "expert_utilisation.csv"
@@ -75,7 +75,7 @@ class MoEDetectionTrainer(DetectionTrainer):
             if not buffer.is_floating_point():
                 ema_buffers[name].copy_(buffer)
         final = (self.last, self.best)
-        self.last, self.best = (path.with_name(f".{path.name}.partial") for path in final)
+        self.last, self.best = (partial_path(path) for path in final)
         try:
             saved = super().save_model()
         finally:
@@ -125,9 +125,8 @@ def drop_epochs_after(path: Path, epoch: int) -> None:
     lines = path.read_bytes().splitlines(keepends=True) if path.is_file() else []  # bytes keep csv's \r\n as is
     kept = lines[:1] + [row for row in lines[1:] if float(row.split(b",", 1)[0]) <= epoch]
     if len(kept) < len(lines):
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_bytes(b"".join(kept))
-        os.replace(tmp, path)  # an interrupt leaves the old file or the new one, never a half-written one
+        with replaced_atomically(path) as partial:
+            partial.write_bytes(b"".join(kept))
         LOGGER.warning(f"Resume: dropped {len(lines) - len(kept)} rows after epoch {epoch} from {path.name}, "
                        "logged after the last checkpoint")  # fmt: skip
 
