@@ -21,12 +21,12 @@ from ..data import find_data_yaml
 from ..models.yolo.model import DEFAULT_MODEL, VisionMoE
 from ..nn.tasks import find_model_yaml
 from ..utils.latency import exported_latency_ms, torch_latency_ms
+from .compare import SCALES
 
 DEFAULT_DATA = "synth-shapes.yaml"
 # The arguments `visionmoe benchmark` takes (besides MoE settings), with their defaults
 BENCHMARK_ARGS = {"model": DEFAULT_MODEL, "data": DEFAULT_DATA, "imgsz": 640, "baseline": "yolo11<scale>.yaml",
                   "device": "cpu", "project": "runs/detect", "name": "benchmark"}  # fmt: skip
-YOLO_SCALES = "nsmlx"
 # (format, MoE export form, runtime that times it); PyTorch is timed in-process
 FORMATS = (
     ("onnx", "branch", "onnxruntime"),
@@ -43,7 +43,7 @@ def dense_baseline(model: VisionMoE, name: str) -> str:
     scale = model.model.yaml.get("scale")
     if scale is None and str(name).endswith((".yaml", ".yml")):
         scale = find_model_yaml(name)[1]
-    if "vit" in model.model.yaml or scale not in tuple(YOLO_SCALES):  # ViT scales are no YOLO11 scales
+    if "vit" in model.model.yaml or scale not in tuple(SCALES):  # ViT scales are no YOLO11 scales
         raise ValueError(f"'{name}' has no YOLO11 of its scale to compare with; pass the dense model as baseline=...")
     return f"yolo11{scale}.yaml"
 
