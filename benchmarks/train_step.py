@@ -17,7 +17,7 @@ from typing import get_args
 import numpy as np
 import torch
 from ultralytics.cfg import get_cfg
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
 from visionmoe.data.synth import CLASSES, render
 from visionmoe.nn.blocks import STATIC_DISPATCHES, Dispatch
@@ -61,15 +61,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dispatches", nargs="+", default=[d for d in TRAIN_DISPATCHES if d != "dense"],
                         choices=TRAIN_DISPATCHES, help="MoE training dispatches to time ('dense' runs every expert)")
     parser.add_argument("--profile", choices=TRAIN_DISPATCHES, help="profile this dispatch and the dense model")
+    parser.add_argument("--weights", help="a trained MoE checkpoint, whose routers spread images as training does "
+                        "(fresh routers send most images to one or two experts)")
     args = parser.parse_args(argv)  # fmt: skip
     torch.set_num_threads(args.threads)
     hyp = get_cfg()  # the default loss gains (box, cls, dfl), as the trainer passes them
     torch.manual_seed(0)
     dense = DetectionModel(f"yolo11{args.scale}.yaml", nc=len(CLASSES), verbose=False).train()
     torch.manual_seed(0)
-    moe = build_model(
-        f"visionmoe-yolo-{args.scale}.yaml", nc=len(CLASSES), verbose=False, experts=args.experts, top_k=args.top_k
-    ).train()
+    if args.weights:
+        moe = load_checkpoint(args.weights)[0].float().train().requires_grad_(True)
+        for block in moe.moe_blocks():
+            block.split() if block.tied else None
+    else:
+        moe = build_model(
+            f"visionmoe-yolo-{args.scale}.yaml", nc=len(CLASSES), verbose=False, experts=args.experts, top_k=args.top_k
+        ).train()
     dense.args = moe.args = hyp
     batch = synth_batch(args.batch, args.imgsz)
 
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"dense": lambda: train_step(dense, batch)}
     steps.update({f"moe {d}": (lambda d=d: train_step(moe, batch, d)) for d in args.dispatches})
     ms = interleaved_median_ms(steps, args.rounds)
+    used = [len(block.routing.indices.unique()) for block in moe.moe_blocks()]
+    print(f"experts used per MoE block on this batch: {used}")
     print(f"train step: forward + loss + backward, visionmoe-yolo-{args.scale} (E={args.experts}, k={args.top_k}) vs "
           f"yolo11{args.scale}, imgsz {args.imgsz}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds")  # fmt: skip
