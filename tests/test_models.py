@@ -62,7 +62,8 @@ def test_yaml_moe_section_is_read(tmp_path):
     path = tmp_path / "custom-moe.yaml"
     YAML.save(path, cfg)
     model = build_model(path, verbose=False)
-    assert model.moe_settings == MoESettings(experts=3, top_k=2, router="mlp")
+    assert model.moe_settings == MoESettings.from_dict(cfg["moe"])
+    assert (model.moe_settings.experts, model.moe_settings.top_k, model.moe_settings.router) == (3, 2, "mlp")
     assert all(len(b.experts) == 3 for b in model.moe_blocks())
 
 

@@ -123,3 +123,63 @@ def test_ddp_with_idle_experts_gloo_two_processes():
     for rank, idle, synced in results:
         assert idle == [1, 2, 3], f"rank {rank}: the test needs idle experts, got idle {idle}"
         assert synced, f"rank {rank}: gradients were not all-reduced"
+
+
+def test_tied_block_runs_one_expert_and_splits_without_changing_its_output():
+    block = make_block(top_k=2, experts=4, renormalize=True).train()
+    x = images()
+    calls = [0] * 4
+    for j, expert in enumerate(block.experts):
+        expert.register_forward_hook(lambda *_, j=j: calls.__setitem__(j, calls[j] + 1))
+    block.tie()
+    tied = block(x)
+    assert block.routing is None and calls == [1, 0, 0, 0]  # one expert for the whole batch, no router
+    tied.sum().backward()
+    assert block.router.gate[-1].weight.grad is None and block.experts[1].m[0].cv1.conv.weight.grad is None
+    block.eval()
+    with torch.no_grad():
+        tied_eval = block(x)
+        pairs = block.split()
+        split = block(x)
+    assert not block.tied and len(pairs) == 3 * len(list(block.experts[0].parameters()))
+    assert len(block.routing.indices.unique()) > 1, "split experts must be reached through the router"
+    for a, b in zip(block.experts[0].state_dict().values(), block.experts[3].state_dict().values()):
+        assert torch.equal(a, b)  # weights and BatchNorm statistics alike
+    torch.testing.assert_close(split, tied_eval, atol=1e-5, rtol=0)
+
+
+def test_tied_experts_need_renormalized_gates():
+    with pytest.raises(ValueError, match="renormalize=True"):
+        MoESettings(dense_warmup=0.3)
+    with pytest.raises(ValueError, match="0 <= dense_warmup < 1"):
+        MoESettings(dense_warmup=1.0, renormalize=True)
+    with pytest.raises(ValueError, match="renormalize=True"):
+        make_block().tie()
+
+
+def test_static_form_of_a_tied_block_splits_it_first():
+    block = make_block(renormalize=True).eval()
+    block.tie()
+    x = images()
+    with torch.no_grad():
+        tied = block(x)
+        block.set_dispatch("gather")
+        static = block(x)
+    assert not block.tied and len(block.routing.indices.unique()) > 1
+    torch.testing.assert_close(static, tied, atol=1e-4, rtol=0)
+
+
+def test_frozen_expert_norm_uses_running_statistics_in_training():
+    block = make_block(renormalize=True).train()
+    x = images()
+    block.freeze_norm()
+    block.train()  # what the trainer calls every epoch
+    norms = [m for m in block.experts.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and block.cv1.bn.training
+    stats = [m.running_mean.clone() for m in norms]
+    trained = block(x)
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(norms, stats))
+    trained.sum().backward()
+    assert norms[0].weight.grad is not None  # scale and shift still learn
+    with pytest.raises(ValueError, match="needs dense_warmup > 0"):
+        MoESettings(freeze_expert_norm=True, renormalize=True)

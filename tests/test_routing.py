@@ -10,6 +10,7 @@ from visionmoe.nn.routing import (
     aux_loss,
     expert_capacity,
     expert_shares,
+    mutual_information_loss,
     route,
     router_z_loss,
     switch_balance_loss,
@@ -77,6 +78,28 @@ def test_aux_loss_weights():
     r = route(torch.tensor([[0.0, 0.0], [0.0, 0.0]]), 1)
     balance, z = switch_balance_loss(r.probs, r.indices), router_z_loss(r.logits)
     assert aux_loss(r, 0.01, 0.001).item() == pytest.approx(0.01 * balance.item() + 0.001 * z.item())
+
+
+def test_mutual_information_loss_hand_values():
+    e = 4
+    uniform = torch.full((8, e), 1 / e)
+    balanced_sure = torch.eye(e).repeat(2, 1)  # every image certain, every expert used equally
+    collapsed = torch.zeros(8, e).index_fill_(1, torch.tensor([0]), 1.0)  # every image certain of expert 0
+    assert mutual_information_loss(uniform).item() == pytest.approx(math.log(e))
+    assert mutual_information_loss(balanced_sure).item() == pytest.approx(0.0, abs=1e-6)
+    assert mutual_information_loss(collapsed).item() == pytest.approx(math.log(e))
+    assert mutual_information_loss(balanced_sure.view(2, 4, e)).item() == pytest.approx(0.0, abs=1e-6)  # tokens
+
+
+def test_mutual_information_loss_sharpens_near_uniform_routers():
+    noise = 0.001 * torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    logits = (0.01 * torch.eye(4).repeat(4, 1) + noise).requires_grad_()  # each expert slightly preferred by 4
+    r = route(logits, 1)
+    mutual_information_loss(r.probs).backward()
+    chosen = r.indices[:, 0]
+    # descending the loss raises each image's top logit against its others: routers grow confident
+    assert (logits.grad.gather(1, chosen[:, None]) < 0).all()
+    assert aux_loss(r, 0.0, 0.0, 0.5).item() == pytest.approx(0.5 * mutual_information_loss(r.probs).item())
 
 
 def test_expert_shares_and_capacity():

@@ -14,3 +14,34 @@ def test_trainer_uses_every_allowed_core_and_builds_overrides(tmp_path, coco8):
     )  # fmt: skip
     assert torch.get_num_threads() == len(os.sched_getaffinity(0))
     assert all(len(block.experts) == 3 for block in trainer.model.moe_blocks())  # built before DDP could need it
+
+
+def test_dense_warmup_trains_tied_experts_then_splits_with_their_optimizer_state(tmp_path, coco8):
+    trainer = MoEDetectionTrainer(
+        overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml", "device": "cpu", "epochs": 2, "imgsz": 64,
+                   "batch": 4, "nbs": 4, "workers": 0, "optimizer": "AdamW", "project": str(tmp_path), "name": "warm",
+                   "renormalize": True, "dense_warmup": 0.5, "plots": False}
+    )  # fmt: skip
+    seen = {}
+
+    def check_epoch(trainer):
+        blocks = trainer.model.moe_blocks()
+        seen[trainer.epoch] = [b.tied for b in blocks] + [b.tied for b in trainer.ema.ema.moe_blocks()]
+        if trainer.epoch == 1:  # just split: every copy equals expert 0, with its Adam moments
+            for model in (trainer.model, trainer.ema.ema):
+                for block in model.moe_blocks():
+                    for a, b in zip(block.experts[0].state_dict().values(), block.experts[-1].state_dict().values()):
+                        assert torch.equal(a, b)
+            source = blocks[0].experts[0].m[0].cv1.conv.weight
+            copy_ = blocks[0].experts[-1].m[0].cv1.conv.weight
+            state = trainer.optimizer.state
+            assert state[source]["exp_avg"].abs().sum() > 0
+            assert torch.equal(state[copy_]["exp_avg"], state[source]["exp_avg"])
+            assert state[copy_]["exp_avg"] is not state[source]["exp_avg"]
+
+    trainer.add_callback("on_train_epoch_start", check_epoch)
+    trainer.train()
+    assert all(group["foreach"] for group in trainer.optimizer.param_groups)  # one multi-tensor op per group
+    assert seen == {0: [True] * 12, 1: [False] * 12}
+    rows = (trainer.save_dir / "expert_utilisation.csv").read_text().splitlines()[1:]
+    assert rows and {row.split(",")[0] for row in rows} == {"2"}  # no router ran in the tied epoch

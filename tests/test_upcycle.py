@@ -40,7 +40,7 @@ def _rel_diff(moe: torch.nn.Module, dense: torch.nn.Module) -> float:
 
 def test_upcycled_model_equals_dense_at_init(dense_ckpt):
     dense, _ = load_checkpoint(dense_ckpt)
-    model = VisionMoE("visionmoe-yolo-n.yaml").load(dense_ckpt)
+    model = VisionMoE("visionmoe-yolo-n.yaml", renormalize=False, dense_warmup=0).load(dense_ckpt)
     s = model.upcycled
     assert s.source == str(dense_ckpt) and s.settings == {"renormalize": True}
     assert model.model.moe_settings.renormalize and all(b.router.renormalize for b in model.model.moe_blocks())

@@ -321,6 +321,8 @@ def test_moe_c2psa_in_a_yolo_yaml(tmp_path):
     model.train()(torch.zeros(2, 3, 64, 64))
     assert tokens[0].kept.shape == (2, 2 * 2, 1)  # 2x2 tokens at stride 32
     assert torch.isfinite(model.aux_loss())
+    assert model.moe_settings.dense_warmup > 0  # the YAML's per-image blocks keep it; the token layer routes throughout
+    assert [b.routes_images for b in model.moe_blocks()].count(False) == 1
 
 
 @pytest.mark.parametrize(
@@ -332,6 +334,8 @@ def test_moe_c2psa_in_a_yolo_yaml(tmp_path):
         ("visionmoe-vit-t.yaml", {"bpr": "yes"}, "bpr='yes'"),
         ("visionmoe-yolo-n.yaml", {"bpr": True}, "bpr apply to token-routed MoE layers"),
         ("visionmoe-yolo-n.yaml", {"capacity_factor": 1.25}, "capacity_factor apply to token-routed"),
+        ("visionmoe-vit-t.yaml", {"dense_warmup": 0.3, "renormalize": True}, "applies to per-image MoE blocks"),
+        ("visionmoe-vit-t.yaml", {"router_input": "mean_std"}, "routes only tokens"),
     ],
 )
 def test_bad_settings_fail_with_one_line(model, overrides, message):

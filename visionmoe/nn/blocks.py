@@ -44,6 +44,9 @@ class MoEBlock(nn.Module):
     """
 
     dense: type[nn.Module]  # the Ultralytics block this one replaces, as built by the stock parser
+    routes_images = False  # per-image routing, whose experts can be tied for a dense warmup
+    tied = False  # dense warmup: experts[0] runs for every item and the router is idle (see `tie`)
+    frozen_norm = False  # experts' BatchNorms normalise with running statistics in training too (see `freeze_norm`)
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,10 +61,55 @@ class MoEBlock(nn.Module):
         """Parameters of one routed expert (all experts of a block have the same shape)."""
         return sum(p.numel() for p in self.experts[0].parameters())
 
+    def tie(self) -> None:
+        """Start the dense warmup: until `split`, experts[0] alone runs, for every item, with gate 1."""
+        if not self.routes_images:
+            raise ValueError(f"MoE block {self.router.label} routes tokens; only per-image blocks can be tied")
+        if not self.router.renormalize:
+            raise ValueError(f"MoE block {self.router.label}: tied experts need renormalize=True to split exactly")
+        self.tied = True
+
+    def split(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """End the dense warmup: copy experts[0] (weights and norm statistics) into every other expert and route.
+
+        With renormalized gates every choice then computes what the tied block did. Returns (source, copy) pairs of
+        parameters, so that a trainer can copy optimizer state along.
+        """
+        self.tied = False
+        source, pairs = self.experts[0], []
+        with torch.no_grad():
+            for expert in self.experts[1:]:
+                for (_, a), (_, b) in zip(source.named_parameters(), expert.named_parameters()):
+                    b.copy_(a)
+                    pairs.append((a, b))
+                for a, b in zip(source.buffers(), expert.buffers()):
+                    b.copy_(a)
+        return pairs
+
+    def freeze_norm(self) -> None:
+        """Make the experts' BatchNorms use their running statistics in training as in eval (scale and shift still
+        train). A routed expert sees only its few images of a batch, whose statistics are noisy; after a dense warmup
+        the running statistics are those of full batches."""
+        self.frozen_norm = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> MoEBlock:
+        super().train(mode)
+        if self.frozen_norm:
+            for m in self.experts.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def set_dispatch(self, dispatch: Dispatch) -> MoEBlock:
-        """Choose how the experts run; a static form snapshots them into their export form (inference only)."""
+        """Choose how the experts run; a static form snapshots them into their export form (inference only).
+
+        A tied block splits first: that keeps its output and lets every form route.
+        """
         if dispatch not in get_args(Dispatch):
             raise ValueError(f"unknown dispatch '{dispatch}', use one of {list(get_args(Dispatch))}")
+        if self.tied:
+            self.split()
         self.static_experts = self.static_experts_form(dispatch) if dispatch in STATIC_DISPATCHES else None
         self.dispatch = dispatch
         return self
@@ -85,6 +133,7 @@ class MoEC3k2(MoEBlock):
     """
 
     dense = C3k2
+    routes_images = True
 
     def __init__(
         self, cv1: nn.Module, cv2: nn.Module, experts: list[nn.Module], router: Router, shared: nn.Module | None
@@ -118,8 +167,11 @@ class MoEC3k2(MoEBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.cv1(x).split((self.c, self.c), 1)  # constant sizes keep traced graphs static, as C2f.forward_split
-        self.routing = self.router(b)
-        h = self.mixture(b, self.experts, self.routing)
+        if self.tied:
+            self.routing, h = None, self.experts[0](b)
+        else:
+            self.routing = self.router(b)
+            h = self.mixture(b, self.experts, self.routing)
         if self.shared is not None:
             h = h + self.shared(b)
         return self.cv2(torch.cat((a, b, h), 1))

@@ -13,9 +13,11 @@ from .settings import MoESettings
 class Router(nn.Module):
     """Gate over E experts, run in fp32 whatever the model's precision.
 
-    Per image: x [B, C, H, W] is average-pooled to [B, C], giving logits [B, E].
-    Per token: x [B, T, C] gives logits [B, T, E].
+    Per image: x [B, C, H, W] is pooled to its channel means [B, C] (with `router_input='mean_std'`, also their
+    standard deviations, [B, 2C]), giving logits [B, E]. Per token: x [B, T, C] gives logits [B, T, E].
     """
+
+    pool_std = False  # class default: routers pickled before router_input existed read means only
 
     def __init__(self, channels: int, settings: MoESettings):
         super().__init__()
@@ -24,11 +26,9 @@ class Router(nn.Module):
         self.renormalize = settings.renormalize
         self.noise = settings.noise
         e = settings.experts
-        layers = [nn.Linear(channels, e)] if settings.router == "linear" else [
-            nn.Linear(channels, channels),
-            nn.SiLU(),
-            nn.Linear(channels, e),
-        ]
+        self.pool_std = settings.router_input == "mean_std"
+        c = channels * (2 if self.pool_std else 1)
+        layers = [nn.Linear(c, e)] if settings.router == "linear" else [nn.Linear(c, c), nn.SiLU(), nn.Linear(c, e)]
         self.gate = nn.Sequential(*layers)
         self.label = "router"  # the owning block's module name, set by build_model; names it in errors
         # Gate noise comes from a generator seeded by (noise_seed, noise_step). The step is a checkpointed buffer,
@@ -42,9 +42,17 @@ class Router(nn.Module):
         self.noise_step += 1
         return torch.Generator(device).manual_seed(self.noise_seed * 1_000_003 + step)
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> fp32 [B, C] channel means, or [B, 2C] means and standard deviations."""
+        mean = x.mean((2, 3)).float()
+        if not self.pool_std:
+            return mean
+        std = (x.float() - mean[..., None, None]).square().mean((2, 3)).add(1e-6).sqrt()  # eps: finite gradient
+        return torch.cat((mean, std), 1)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] or [B, T, C] -> fp32 logits [B, E] or [B, T, E]."""
-        h = (x.mean((2, 3)) if x.dim() == 4 else x).float()
+        h = self.pool(x) if x.dim() == 4 else x.float()
         # Weights are cast too: a model converted with .half() must still route in fp32, since low-precision
         # routers collapse onto a few experts.
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -7,6 +7,7 @@ from difflib import get_close_matches
 from typing import Any
 
 ROUTERS = ("linear", "mlp")
+ROUTER_INPUTS = ("mean", "mean_std")
 DEFAULT_CAPACITY_FACTOR = (1.25, 2.0)  # (train, eval) for token-routed layers whose model sets none (V-MoE style)
 
 
@@ -18,6 +19,9 @@ class MoESettings:
         experts: Number of routed experts per MoE layer (E).
         top_k: Experts each sample (or token) runs (k), a constant so that exported graphs stay static.
         router: Gate type, 'linear' (one linear layer) or 'mlp' (linear-SiLU-linear).
+        router_input: What a per-image router reads from the block's features [B, C, H, W]: their spatial 'mean'
+            [B, C], or 'mean_std' [B, 2C], which adds each channel's spatial standard deviation, the texture and
+            contrast statistics (noise, blur) that a mean averages away.
         shared_expert: Add an always-on expert beside the routed ones (DeepSeekMoE style).
         renormalize: Rescale the k chosen gates to sum to 1 (Mixtral style); off keeps Switch-style gates.
         noise: Std of Gaussian noise added to router logits in training only (V-MoE uses 1/E); 0 disables it.
@@ -26,18 +30,32 @@ class MoESettings:
             capacity first, so tight capacity drops low-priority tokens instead of the last ones in raster order.
         balance_loss: Weight alpha of the Switch load-balance loss.
         z_loss: Weight beta of the ST-MoE router z-loss.
+        mi_loss: Weight gamma of the mutual-information loss between items and experts (`routing.
+            mutual_information_loss`): confident routers that still use every expert.
+        dense_warmup: Fraction of the training epochs in which every per-image MoE block runs a single expert for
+            every image (experts tied, routers idle); then the trainer copies it into all E experts and routing
+            starts (sparse upcycling within one run), so that no expert starts from scratch on 1/E of the data.
+            0 routes from the first step. Needs renormalize=True, so that the split block computes what the tied
+            one did.
+        freeze_expert_norm: After the dense warmup, the experts' BatchNorms normalise with the running statistics the
+            tied expert gathered over full batches, in training as in eval, instead of the statistics of the few
+            images routed to them (scale and shift still train). Needs dense_warmup > 0.
     """
 
     experts: int = 4
     top_k: int = 1
     router: str = "linear"
+    router_input: str = "mean"
     shared_expert: bool = False
     renormalize: bool = False
     noise: float = 0.0
     capacity_factor: tuple[float, float] | None = None
     balance_loss: float = 0.01
     z_loss: float = 0.001
+    mi_loss: float = 0.0
     bpr: bool = False
+    dense_warmup: float = 0.0
+    freeze_expert_norm: bool = False
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -49,13 +67,26 @@ class MoESettings:
             fail(f"top_k={self.top_k!r} with experts={self.experts}, use 1 <= top_k <= experts")
         if self.router not in ROUTERS:
             fail(f"router={self.router!r}, use one of {list(ROUTERS)}")
-        for name in ("shared_expert", "renormalize", "bpr"):
+        if self.router_input not in ROUTER_INPUTS:
+            fail(f"router_input={self.router_input!r}, use one of {list(ROUTER_INPUTS)}")
+        for name in ("shared_expert", "renormalize", "bpr", "freeze_expert_norm"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name}={getattr(self, name)!r}, use True or False")
-        for name in ("noise", "balance_loss", "z_loss"):
+        for name in ("noise", "balance_loss", "z_loss", "mi_loss"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 fail(f"{name}={value!r}, use a number >= 0")
+        if not isinstance(self.dense_warmup, (int, float)) or isinstance(self.dense_warmup, bool) or not (
+            0 <= self.dense_warmup < 1
+        ):
+            fail(f"dense_warmup={self.dense_warmup!r}, use the fraction of epochs trained tied, 0 <= dense_warmup < 1")
+        if self.dense_warmup > 0 and not self.renormalize:
+            fail(
+                f"dense_warmup={self.dense_warmup} needs renormalize=True, so that the experts split from the tied "
+                "one compute what it did (chosen gates sum to 1); set renormalize=True or dense_warmup=0"
+            )
+        if self.freeze_expert_norm and not self.dense_warmup > 0:
+            fail("freeze_expert_norm=True needs dense_warmup > 0, whose full batches give the statistics it freezes")
         if self.capacity_factor is not None:
             cf = self.capacity_factor
             if isinstance(cf, (int, float)) and not isinstance(cf, bool):

@@ -125,8 +125,16 @@ def _check_vit(d: dict[str, Any], source: str) -> None:
     d["vit"] = vit
 
 
-def _fit_capacity_settings(settings: MoESettings, routes_tokens: bool, source: str) -> MoESettings:
-    """Token-routed models get the default capacity factors if they set none; per-image ones refuse token settings."""
+def _fit_routing_settings(settings: MoESettings, routes_tokens: bool, routes_images: bool, source: str) -> MoESettings:
+    """Token-routed models get the default capacity factors if they set none; settings of one routing kind are
+    refused by a model without a layer of that kind, which would ignore them."""
+    if not routes_images:
+        for name, default in (("dense_warmup", 0), ("router_input", "mean")):
+            if getattr(settings, name) != default:
+                raise ValueError(
+                    f"{name}={getattr(settings, name)!r} applies to per-image MoE blocks, but {source} routes only "
+                    f"tokens; use {name}={default!r}"
+                )
     if routes_tokens:
         if settings.capacity_factor is None:
             settings = settings.replace(capacity_factor=DEFAULT_CAPACITY_FACTOR)
@@ -168,8 +176,10 @@ def load_model_yaml(cfg: str | Path | dict[str, Any], **moe_overrides: Any) -> d
             raise ValueError(f"model scale '{scale}' is not in {source}; its scales are {list(d.get('scales') or [])}")
         d["scale"] = scale
     settings = MoESettings.from_dict(d.get("moe"), f"{source} moe section").replace(**moe_overrides)
-    routes_tokens = vit or any(row[2] in TOKEN_ROUTED for row in d["backbone"] + d["head"])
-    d["moe"] = _fit_capacity_settings(settings, routes_tokens, source).to_dict()
+    moe_rows = [] if vit else [row[2] for row in d["backbone"] + d["head"] if row[2] in MOE_BLOCKS]
+    routes_tokens = vit or any(name in TOKEN_ROUTED for name in moe_rows)
+    routes_images = any(name not in TOKEN_ROUTED for name in moe_rows)
+    d["moe"] = _fit_routing_settings(settings, routes_tokens, routes_images, source).to_dict()
     return d
 
 
@@ -196,7 +206,9 @@ class MoEModel:
     def aux_loss(self) -> torch.Tensor:
         """Sum over MoE blocks of `alpha * balance + beta * z` for the last forward pass."""
         s = self.moe_settings
-        return sum(aux_loss(m.routing, s.balance_loss, s.z_loss) for m in self.moe_blocks())
+        blocks = [m for m in self.moe_blocks() if m.routing is not None]
+        losses = [aux_loss(m.routing, s.balance_loss, s.z_loss, s.mi_loss) for m in blocks]
+        return sum(losses) if losses else next(self.parameters()).new_zeros(())  # all blocks tied: no router ran
 
     def loss(self, batch: dict[str, Any], preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Detection loss plus the MoE aux loss, which appears as the 'moe' column in logs and results.csv."""

@@ -7,6 +7,7 @@ from copy import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer
@@ -55,9 +56,23 @@ class MoEDetectionTrainer(DetectionTrainer):
         use_allowed_cpus(self.device)
         self.utilisation = UtilisationTracker()
         self.add_callback("on_pretrain_routine_end", _seed_router_noise)
+        self.add_callback("on_train_start", _tie_for_dense_warmup)
+        self.add_callback("on_train_epoch_start", _split_after_dense_warmup)
         self.add_callback("on_train_batch_end", _track_utilisation)
         self.add_callback("on_train_epoch_end", _write_utilisation)
         self.add_callback("on_train_end", _write_routing_summary)
+
+    def build_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """Ultralytics' optimizer, stepping every parameter group with torch's multi-tensor (foreach) kernels.
+
+        Off CUDA torch defaults to a Python loop over tensors, so the step grows with the tensor count, and an MoE
+        model holds E copies of every expert tensor; foreach computes the same update in a few ops per group.
+        """
+        optimizer = super().build_optimizer(*args, **kwargs)
+        for group in optimizer.param_groups:
+            if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+                group["foreach"] = True
+        return optimizer
 
     def get_validator(self) -> RoutingValidator:
         """DetectionValidator that also records routing; no example images, since training writes no routing maps."""
@@ -158,6 +173,47 @@ def _image_files(path: Path) -> list[Path]:
 def _seed_router_noise(trainer: MoEDetectionTrainer) -> None:
     for i, block in enumerate(unwrap_model(trainer.model).moe_blocks()):
         block.router.noise_seed = (trainer.args.seed + 1) * 10_007 + i  # distinct noise per block, fixed by seed
+
+
+def split_epoch(trainer: MoEDetectionTrainer) -> int:
+    """First epoch (0-based) in which the MoE blocks route: the end of the dense warmup."""
+    return round(unwrap_model(trainer.model).moe_settings.dense_warmup * trainer.epochs)
+
+
+def _trained_models(trainer: MoEDetectionTrainer) -> list[MoEModel]:
+    return [unwrap_model(trainer.model)] + ([trainer.ema.ema] if trainer.ema else [])
+
+
+def _tie_for_dense_warmup(trainer: MoEDetectionTrainer) -> None:
+    """Tie the experts of every per-image MoE block while the run is in its dense warmup (on resume too: the
+    untrained copies are overwritten at the split, so the epoch alone says whether to tie)."""
+    split_at = split_epoch(trainer)
+    freeze = unwrap_model(trainer.model).moe_settings.freeze_expert_norm
+    for model in _trained_models(trainer):
+        for block in (b for b in model.moe_blocks() if b.routes_images):  # token-routed layers route throughout
+            if trainer.start_epoch < split_at:
+                block.tie()
+            elif split_at > 0 and freeze:  # resumed after the split: the rebuilt blocks froze nothing yet
+                block.freeze_norm()
+
+
+def _split_after_dense_warmup(trainer: MoEDetectionTrainer) -> None:
+    """At the end of the dense warmup, split every tied block into E copies of its expert, in the trained model and
+    its EMA, give each copy the optimizer state (momentum, Adam moments) of the expert it copies, and freeze the
+    experts' norm statistics where the settings ask for it."""
+    if trainer.epoch < split_epoch(trainer):
+        return
+    tied = [block for model in _trained_models(trainer) for block in model.moe_blocks() if block.tied]
+    freeze = unwrap_model(trainer.model).moe_settings.freeze_expert_norm
+    state = trainer.optimizer.state
+    for block in tied:
+        for source, copy_ in block.split():
+            if source in state:
+                state[copy_] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state[source].items()}
+        if freeze:
+            block.freeze_norm()
+    if tied:
+        LOGGER.info(f"MoE: dense warmup over at epoch {trainer.epoch + 1}; experts split and routing on")
 
 
 def _track_utilisation(trainer: MoEDetectionTrainer) -> None:
