@@ -1,11 +1,12 @@
 """`visionmoe compare`: MoE and dense YOLO models trained alike over several seeds, measured alike, tabled and plotted.
 
 Every model trains on the same data with the same arguments, once per seed (dense YOLO through `ultralytics.YOLO`,
-MoE through `VisionMoE`), on the same CPU threads. Each model's size, active GFLOPs (`active_gflops` for both
-families) and ONNX export come from its first finished seed; the batch-1 latencies of all models are then measured
-side by side, each runtime in interleaved rounds with no other runtime's threads alive (utils.latency). Results go to
-runs/compare/NAME (project=/name=, incremented as Ultralytics does): a json per finished run and per model profile,
-then compare.csv, compare.md and two plots. With exist_ok=True the folder is reused and finished runs are skipped.
+MoE through `VisionMoE`), on the same CPU threads, seed by seed, so that load on the machine hits every model alike.
+Each model's size, active GFLOPs (`active_gflops` for both families) and ONNX export come from its first finished
+seed; the batch-1 latencies of all models are then measured side by side, each runtime in interleaved rounds with no
+other runtime's threads alive (utils.latency). Results go to runs/compare/NAME (project=/name=, incremented as
+Ultralytics does): a json per finished run and per model profile, then compare.csv, compare.md and two plots. With
+exist_ok=True the folder is reused and finished runs are skipped.
 """
 
 from __future__ import annotations
@@ -376,9 +377,11 @@ def compare(models: str | list[str] | None = None, seeds: int = 3, moe: dict | N
     failures: dict[str, dict[int, str]] = {e.label: {} for e in entries}
     profiles: dict[str, dict] = {}
     pbar = TQDM(total=len(entries) * seeds, desc="compare")
-    for e in entries:
-        folder = save_dir / e.label
-        for seed in range(seeds):
+    # Seed-major: every model's seed-s run before any model's seed s+1, so that a machine that speeds up or slows
+    # down during the comparison shifts every model's training time alike
+    for seed in range(seeds):
+        for e in entries:
+            folder = save_dir / e.label
             record = folder / f"seed{seed}.json"
             pbar.set_description(f"compare {e.label} seed {seed}")
             if record.is_file():  # finished in an earlier invocation
@@ -391,6 +394,8 @@ def compare(models: str | list[str] | None = None, seeds: int = 3, moe: dict | N
                     failures[e.label][seed] = _failure(err)
                     LOGGER.warning(f"compare: {e.label} seed {seed} {failures[e.label][seed]}")
             pbar.update(1)
+    for e in entries:
+        folder = save_dir / e.label
         profile_file = folder / "profile.json"
         if profile_file.is_file():
             profiles[e.label] = json.loads(profile_file.read_text())
