@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.engine.exporter import Exporter
 from ultralytics.utils import LOGGER, colorstr
 
-from ..nn.static import BranchExperts, StaticExportError
+from ..nn.static import BranchExperts, GatheredExperts, StaticExportError
 from ..nn.tasks import MoEModel
 from .branches import expand_switches, sink_initializers
 from .checks import check_static_graph
@@ -182,7 +183,14 @@ class MoEExporter(Exporter):
         return f
 
     def export_torchscript(self, prefix=colorstr("TorchScript:")):  # noqa: B008
-        """Ultralytics' TorchScript export of the gathered form, with the MoE metadata."""
+        """Ultralytics' TorchScript export of the gathered form, with the MoE metadata.
+
+        A traced module keeps every submodule's weights, used or not, so the training-form experts, which the gathered
+        form copied, are dropped from the (already copied) export model first.
+        """
         self.add_moe_metadata()
+        for block in self.model.moe_blocks():
+            if isinstance(block.static_experts, GatheredExperts):
+                block.experts = nn.ModuleList()
         with torch.no_grad():
             return super().export_torchscript(prefix)
