@@ -33,7 +33,9 @@ class MoEDetectionTrainer(DetectionTrainer):
 
     Accepts MoE settings (experts=8, top_k=2, ...) beside the Ultralytics arguments; they apply when the model is
     built from a YAML. The 'moe' loss column comes from MoEDetectionModel.loss; per-epoch expert shares go to
-    `expert_utilisation.csv` in the run folder. Validation records routing. At the end of training, best.pt's eval
+    `expert_utilisation.csv` in the run folder. With `dense_warmup`, per-image MoE blocks train tied (one expert,
+    router idle) for that fraction of the epochs and then split into E copies (see `_split_after_dense_warmup`).
+    The optimizer steps with foreach kernels. Validation records routing. At the end of training, best.pt's eval
     capacity is calibrated on the val split (token-routed models), and the final validation's utilisation and NMI
     summary goes to analysis.json and analysis.md in the run folder.
     """
