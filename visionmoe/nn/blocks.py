@@ -94,6 +94,7 @@ class MoEBlock(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> MoEBlock:
+        """nn.Module.train, leaving frozen expert norms in eval mode."""
         super().train(mode)
         if self.frozen_norm:
             for m in self.experts.modules():
