@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.weights:
         moe = load_checkpoint(args.weights)[0].float().train().requires_grad_(True)
         for block in moe.moe_blocks():
-            block.split() if block.tied else None
+            if block.tied:  # a checkpoint saved during the dense warmup
+                block.split()
     else:
         moe = build_model(
             f"visionmoe-yolo-{args.scale}.yaml", nc=len(CLASSES), verbose=False, experts=args.experts, top_k=args.top_k
