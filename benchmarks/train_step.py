@@ -7,6 +7,7 @@ every model per round), so load from other processes hits all alike. Target (iss
     python benchmarks/train_step.py [--scale n] [--experts 4] [--top-k 1] [--imgsz 128] [--batch 16] [--rounds 15]
     python benchmarks/train_step.py --threads 1        # one thread: no OpenMP barriers stalled by other load
     python benchmarks/train_step.py --profile batched   # torch.profiler table of one dispatch's step and the dense one
+    python benchmarks/train_step.py --weights best.pt   # a trained MoE: balanced routing, as in training
 """
 
 from __future__ import annotations
