@@ -45,3 +45,16 @@ def test_dense_warmup_trains_tied_experts_then_splits_with_their_optimizer_state
     assert seen == {0: [True] * 12, 1: [False] * 12}
     rows = (trainer.save_dir / "expert_utilisation.csv").read_text().splitlines()[1:]
     assert rows and {row.split(",")[0] for row in rows} == {"2"}  # no router ran in the tied epoch
+
+
+def test_resume_ties_inside_the_warmup_and_refreezes_norms_after_it():
+    from types import SimpleNamespace
+
+    from visionmoe.models.yolo.train import _tie_for_dense_warmup
+    from visionmoe.nn.tasks import build_model
+
+    for start_epoch, tied, frozen in ((1, True, False), (3, False, True)):  # 4 epochs, dense_warmup 0.5: split at 2
+        model = build_model("visionmoe-yolo-n.yaml", verbose=False, dense_warmup=0.5, freeze_expert_norm=True)
+        trainer = SimpleNamespace(model=model, ema=None, start_epoch=start_epoch, epochs=4)
+        _tie_for_dense_warmup(trainer)
+        assert {(b.tied, b.frozen_norm) for b in model.moe_blocks()} == {(tied, frozen)}
