@@ -256,6 +256,22 @@ def test_graph_is_static(exported):
     onnx.checker.check_model(model, full_check=True)
 
 
+def test_unit_gates_leave_no_gate_arithmetic(exported):
+    """Renormalized top-1 gates are exactly 1: a per-image router exports as mean, Gemm, Clip and TopK (the choice
+    reads the logits, so no Softmax), and the block multiplies no expert output by a gate."""
+    vm, path, name, _ = exported
+    blocks = dict(vm.model.named_moe_blocks())
+    if not all(b.routes_images and b.router.unit_gates for b in blocks.values()):
+        pytest.skip(f"{name} has gates that weight its experts' outputs")
+    nodes = onnx.load(str(path)).graph.node
+    for block in blocks:
+        scope = f"/{block}/"
+        router = {n.op_type for n in nodes if n.name.startswith(f"{scope}router/")}
+        own = {n.op_type for n in nodes if n.name.startswith(scope) and n.name.count("/") == 2}  # outside submodules
+        assert router == {"ReduceMean", "Gemm", "Clip", "TopK"}, (block, router)
+        assert not own & {"Mul", "Div", "Softmax"}, (block, own)
+
+
 def test_graph_runs_only_chosen_experts(exported, val_images):
     """Conv nodes: 'gather' holds one expert's convs per block, the dense fallback all E of them; 'branch' holds every
     expert's convs in If branches, one balanced tree (E - 1 If nodes, E leaves) per image and slot of each block."""

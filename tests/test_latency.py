@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionmoe.utils.latency import SPINNING_OFF, exported_latency_ms, ort_session, torch_latency_ms
+from visionmoe.utils.latency import SPINNING_OFF, exported_latency_ms, ort_session, paired_latency, torch_latency_ms
 from visionmoe.nn.tasks import build_model
 
 
@@ -26,6 +26,16 @@ def test_ort_sessions_never_spin(tiny_onnx):
 def test_exported_models_timed_side_by_side_in_a_child(tiny_onnx):
     ms = exported_latency_ms({"a": tiny_onnx, "b": tiny_onnx}, "onnxruntime", 32, runs=3, warmup=1)
     assert set(ms) == {"a", "b"} and all(t > 0 for t in ms.values())
+
+
+def test_paired_latency_times_each_model_beside_the_reference(tiny_onnx, tmp_path):
+    other = tmp_path / "other.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 16, 3, padding=1), torch.rand(1, 3, 32, 32), str(other), dynamo=False)
+    timed = paired_latency({"ref": tiny_onnx, "other": other}, "ref", "onnxruntime", 32, repeats=2, runs=3, warmup=1)
+    assert set(timed) == {"ref", "other"}
+    assert timed["ref"][1] == 1.0 and all(ms > 0 and ratio > 0 for ms, ratio in timed.values())
+    with pytest.raises(ValueError, match="reference 'missing' is not one of the models to time"):
+        paired_latency({"ref": tiny_onnx}, "missing")
 
 
 def test_child_failure_and_unknown_runtime_are_one_line_errors(tmp_path):

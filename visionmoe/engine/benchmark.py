@@ -2,8 +2,8 @@
 
 In the spirit of `yolo benchmark`: each model is exported to every format available here (PyTorch, ONNX in each
 sparse MoE form, OpenVINO, TorchScript, TensorRT where a GPU and tensorrt are present), then every export is
-validated on the same data and timed at batch 1. Latencies of one runtime are measured together in interleaved
-rounds in a child process of their own (utils.latency), so the MoE / YOLO11 ratio of each format is clean.
+validated on the same data and timed at batch 1. Each export is timed beside the dense export of its runtime alone,
+in interleaved rounds in fresh child processes (utils.latency), so the MoE / YOLO11 ratio of each format is clean.
 Results: a table in the log and benchmark.csv in runs/detect/benchmark (project=/name= as for val).
 """
 
@@ -20,7 +20,7 @@ from ultralytics.utils.files import file_size, increment_path
 from ..data import find_data_yaml
 from ..models.yolo.model import DEFAULT_MODEL, VisionMoE
 from ..nn.tasks import find_model_yaml
-from ..utils.latency import exported_latency_ms, torch_latency_ms
+from ..utils.latency import exported_latency_ms, paired_latency, torch_latency_ms
 from .compare import SCALES
 
 DEFAULT_DATA = "synth-shapes.yaml"
@@ -122,30 +122,36 @@ def benchmark(
         row["mAP50-95"] = round(float(metrics.box.map), 4)
 
     _time(rows, imgsz, device, gpu)
-    for row in rows:
-        dense_ms = next((r.get("latency_ms") for r in rows if r["family"] == "dense" and r["format"] == row["format"]), None)
-        if isinstance(row.get("latency_ms"), float) and isinstance(dense_ms, float):
-            row["latency_vs_dense"] = round(row["latency_ms"] / dense_ms, 3)
     _write(rows, save_dir)
     return [{c: r.get(c, "") for c in (*COLUMNS, "status")} for r in rows]
 
 
 def _time(rows: list[dict[str, Any]], imgsz: int, device: str, gpu: bool) -> None:
-    """Batch-1 latency of every row: PyTorch models here, each runtime's exports together in a child process."""
+    """Batch-1 latency of every row and its ratio to the dense model in the same format: PyTorch models here,
+    interleaved; each export beside the dense export of its runtime alone, in child processes (utils.latency)."""
     torch_device = f"cuda:{device}" if gpu and str(device).isdigit() else ("cuda" if gpu else "cpu")
     eager = [r for r in rows if r["format"] == "pytorch"]
     ms = torch_latency_ms({r["family"]: r["obj"].model for r in eager}, imgsz, torch_device)
     for r in eager:
         r["latency_ms"] = round(ms[r["family"]], 2)
+        r["latency_vs_dense"] = round(ms[r["family"]] / ms["dense"], 3)
     by_runtime: dict[str, list[dict]] = {}
     for r in rows:
         if "path" in r:
             by_runtime.setdefault(r["runtime"], []).append(r)
     for runtime, group in by_runtime.items():
         dev = torch_device if runtime in {"tensorrt", "onnxruntime"} and gpu else "cpu"
-        ms = exported_latency_ms({str(i): r["path"] for i, r in enumerate(group)}, runtime, imgsz, device=dev)
+        files = {str(i): r["path"] for i, r in enumerate(group)}
+        dense = next((str(i) for i, r in enumerate(group) if r["family"] == "dense"), None)
+        if dense is None:  # the dense model failed to export to this runtime: latencies without a ratio
+            timed = {i: (t, None) for i, t in exported_latency_ms(files, runtime, imgsz, device=dev).items()}
+        else:
+            timed = paired_latency(files, dense, runtime, imgsz, device=dev)
         for i, r in enumerate(group):
-            r["latency_ms"] = round(ms[str(i)], 2)
+            t, ratio = timed[str(i)]
+            r["latency_ms"] = round(t, 2)
+            if ratio is not None:
+                r["latency_vs_dense"] = round(ratio, 3)
 
 
 def _write(rows: list[dict[str, Any]], save_dir: Path) -> None:

@@ -35,7 +35,7 @@ from ..models.yolo.train import check_usable_images
 from ..nn.tasks import MOE_BLOCKS, MoEModel, find_model_yaml, load_model_yaml, models_dir
 from ..utils import allowed_cpus, use_allowed_cpus
 from ..utils.flops import active_gflops
-from ..utils.latency import exported_latency_ms, torch_latency_ms
+from ..utils.latency import exported_latency_ms, paired_latency, torch_latency_ms
 
 COMPARE_KEYS = ("models", "seeds")  # visionmoe-only keys; all other keys are training arguments
 CONTROLLED_KEYS = {"model": "models=", "seed": "seeds="}  # set per run by compare itself
@@ -197,8 +197,9 @@ def profile(entry: Entry, weights: str, imgsz: int, folder: Path) -> dict[str, A
 
 
 def measure_latency(entries: list[Entry], runs: dict, profiles: dict, imgsz: int) -> dict[str, dict[str, Any]]:
-    """Batch-1 latencies of every profiled model, each runtime's models timed side by side in interleaved rounds:
-    eager PyTorch here, ONNX Runtime in a child process (see utils.latency), so no thread pool disturbs another."""
+    """Batch-1 latencies of every profiled model: eager PyTorch here, in interleaved rounds; ONNX Runtime in child
+    processes, each model beside the first dense model alone (see utils.latency), so no thread pool or cache filled
+    by a third model disturbs a pair."""
     done = [e for e in entries if e.label in profiles]
     nets = {e.label: load(e, runs[e.label][min(runs[e.label])]["weights"]).model for e in done}
     onnx = {e.label: profiles[e.label]["onnx"] for e in done if "onnx" in profiles[e.label]}
@@ -208,7 +209,11 @@ def measure_latency(entries: list[Entry], runs: dict, profiles: dict, imgsz: int
         for label, ms in torch_latency_ms(nets, imgsz, device).items():
             latency[label][f"torch_{column}_ms"] = ms
         try:
-            timed = exported_latency_ms(onnx, "onnxruntime", imgsz, device=device) if onnx else {}
+            dense = next((e.label for e in done if not e.moe and e.label in onnx), None)
+            if dense:
+                timed = {k: ms for k, (ms, _) in paired_latency(onnx, dense, "onnxruntime", imgsz, device=device).items()}
+            else:
+                timed = exported_latency_ms(onnx, "onnxruntime", imgsz, device=device) if onnx else {}
         except RuntimeError as e:  # e.g. no CUDAExecutionProvider in this onnxruntime
             timed = dict.fromkeys(onnx, _failure(e))
         for label in latency:

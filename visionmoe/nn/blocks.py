@@ -120,8 +120,9 @@ class MoEBlock(nn.Module):
         raise StaticExportError(f"{type(self).__name__} has no static dispatch, so it cannot export sparsely")
 
     def mixture(self, x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch.Tensor:
-        if self.dispatch in STATIC_DISPATCHES:
-            return static_mixture(x, self.static_experts, routing.indices, routing.gates)
+        if self.dispatch in STATIC_DISPATCHES:  # inference only: gates that are all 1 need no multiply
+            gates = None if self.router.unit_gates else routing.gates
+            return static_mixture(x, self.static_experts, routing.indices, gates)
         mix = {"sparse": sparse_mixture, "batched": batched_mixture, "dense": dense_mixture}[self.dispatch]
         return mix(x, experts, routing.indices, routing.gates)
 

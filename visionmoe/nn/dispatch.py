@@ -100,7 +100,9 @@ def dense_mixture(
     return (ys * _expand_gates(weights, ys)).sum(1)
 
 
-def static_mixture(x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+def static_mixture(
+    x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, gates: torch.Tensor | None
+) -> torch.Tensor:
     """Export form of `sparse_mixture`: static shapes, only the chosen experts compute, no Python branches.
 
     Args:
@@ -108,7 +110,7 @@ def static_mixture(x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, g
         experts: module mapping (x [M, ...], index [M]) to [M, ...out], row m through expert index[m]
             (e.g. `GatheredExperts`, `BranchExperts`).
         indices: [N, k] chosen experts per item.
-        gates: [N, k] their weights.
+        gates: [N, k] their weights; None at k=1 for gates that are all 1 (`Router.unit_gates`).
 
     Returns:
         [N, ...out]; each slot's outputs line up with the items, so they combine by a weighted sum, with no scatter.
@@ -116,7 +118,7 @@ def static_mixture(x: torch.Tensor, experts: nn.Module, indices: torch.Tensor, g
     n, k = indices.shape
     if k == 1:  # the common case, without the copy of x and the reduction over slots in the graph
         y = experts(x, indices[:, 0])
-        return y * _expand_gates(gates[:, 0], y)
+        return y if gates is None else y * _expand_gates(gates[:, 0], y)
     xk = torch.cat([x] * k)  # [k*N, ...] slot-major; a Concat, since traced expand() leaves runtime shape ops
     y = experts(xk, indices.t().flatten()).unflatten(0, (k, n))  # [k, N, ...out]
     return (y * _expand_gates(gates.t(), y)).sum(0)

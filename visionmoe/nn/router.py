@@ -36,6 +36,11 @@ class Router(nn.Module):
         self.noise_seed = 0
         self.register_buffer("noise_step", torch.zeros((), dtype=torch.long))
 
+    @property
+    def unit_gates(self) -> bool:
+        """True when every gate is exactly 1 in value (renormalized top-1), so inference needs no gate multiply."""
+        return self.top_k == 1 and self.renormalize
+
     def noise_generator(self, device: torch.device) -> torch.Generator:
         """Generator for this step's gate noise; advances the step."""
         step = int(self.noise_step)

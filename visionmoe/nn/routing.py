@@ -55,7 +55,10 @@ def route(
     if noise > 0:
         noisy = logits + noise * torch.randn(logits.shape, generator=generator, device=logits.device)
     probs = noisy.softmax(-1)
-    gates, indices = probs.topk(top_k, dim=-1)
+    # The choice reads the logits, not the softmax: the same order, and an exported graph whose gates go unused
+    # (renormalized top-1, see `Router.unit_gates`) keeps no Softmax.
+    indices = noisy.topk(top_k, dim=-1).indices
+    gates = probs.gather(-1, indices)
     if renormalize:
         # At k=1, p / p is 1 with a zero gradient: the task loss would never reach the router. Dividing by the
         # detached gate keeps the value 1 (what upcycling needs) and passes the gradient of log p to the router.

@@ -47,9 +47,12 @@ class GatheredConv2d(nn.Module):
         self.register_buffer("weight", weight.detach().clone())  # [E, c2, c1/g, kh, kw]
         self.register_buffer("bias", bias.detach().clone())  # [E, c2]
         self.stride, self.padding, self.dilation, self.groups = like.stride, like.padding, like.dilation, like.groups
-        self.index: torch.Tensor | None = None  # [N] expert per item, set by GatheredExperts for one forward
+        self.index: torch.Tensor | None = None  # [N] expert per item, or [] for one item; set by GatheredExperts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index.dim() == 0:  # one item: a plain conv with the gathered weights, no reshapes around it
+            w, b = self.weight[self.index], self.bias[self.index]
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
         n = x.shape[0]
         w = self.weight[self.index].flatten(0, 1)  # [N*c2, c1/g, kh, kw]
         b = self.bias[self.index].flatten()  # [N*c2]
@@ -128,6 +131,7 @@ class GatheredExperts(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        index = index[0] if len(index) == 1 else index  # batch 1: one scalar index that every conv gathers with
         for conv in self.convs:
             conv.index = index
         try:

@@ -8,7 +8,11 @@ depending on what ran before it). So:
   is alive beside them, and PyTorch models are timed in this process (`torch_latency_ms`), where no exported model
   runs;
 - the models of one runtime are timed in interleaved rounds, so load from other processes hits them alike and
-  their ratios stay meaningful on a shared machine.
+  their ratios stay meaningful on a shared machine;
+- a ratio against a reference model comes from processes that hold only the two (`paired_latency`), repeated in
+  fresh processes: with many models in one process, each runs with caches that the others filled, and how much
+  that costs differs between models (the same E=16 export read 1.16-1.22x YOLO11n timed among six other models,
+  1.01-1.09x beside YOLO11n alone); the process a model lands in also moves its latency by a few percent.
 """
 
 from __future__ import annotations
@@ -144,6 +148,34 @@ def exported_latency_ms(
         tail = " ".join(child.stderr.strip().splitlines()[-1:]) or f"exit status {child.returncode}"
         raise RuntimeError(f"timing {runtime} models failed: {tail}")
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def paired_latency(
+    files: dict[str, str | Path],
+    reference: str,
+    runtime: str = "onnxruntime",
+    imgsz: int | tuple[int, int] = 640,
+    repeats: int = 3,
+    **kwargs: Any,
+) -> dict[str, tuple[float, float]]:
+    """(median ms, median ratio to `reference`) of each model in `files`, `reference` being one of its keys.
+
+    Each other model is timed beside the reference alone, in interleaved rounds, in `repeats` fresh child processes
+    (see `exported_latency_ms`, which takes the remaining arguments); the reference's figures pool all its pairs.
+    """
+    if reference not in files:
+        raise ValueError(f"reference '{reference}' is not one of the models to time: {list(files)}")
+    others = [name for name in files if name != reference] or [reference]
+    ms: dict[str, list[float]] = {name: [] for name in files}
+    ratios: dict[str, list[float]] = {name: [] for name in files}
+    for _ in range(repeats):
+        for name in others:
+            pair = exported_latency_ms({reference: files[reference], name: files[name]}, runtime, imgsz, **kwargs)
+            for key in {reference, name}:
+                ms[key].append(pair[key])
+            ratios[name].append(pair[name] / pair[reference])
+    ratios[reference] = [1.0]
+    return {name: (statistics.median(ms[name]), statistics.median(ratios[name])) for name in files}
 
 
 if __name__ == "__main__":
