@@ -211,7 +211,8 @@ def measure_latency(entries: list[Entry], runs: dict, profiles: dict, imgsz: int
         try:
             dense = next((e.label for e in done if not e.moe and e.label in onnx), None)
             if dense:
-                timed = {k: ms for k, (ms, _) in paired_latency(onnx, dense, "onnxruntime", imgsz, device=device).items()}
+                pairs = paired_latency(onnx, dense, "onnxruntime", imgsz, device=device)
+                timed = {label: ms for label, (ms, _) in pairs.items()}
             else:
                 timed = exported_latency_ms(onnx, "onnxruntime", imgsz, device=device) if onnx else {}
         except RuntimeError as e:  # e.g. no CUDAExecutionProvider in this onnxruntime
