@@ -3,8 +3,8 @@
     python benchmarks/tensorrt.py [--imgsz 640] [--scale n] [--experts 4 16] [--runs 200] [--warmup 20] [--device 0]
 
 Builds the engines through `export(format="engine", half=True)` (visionmoe's export goes through its checked
-static ONNX), then times them at batch 1 in one child process, interleaved (visionmoe/utils/latency.py). Prints
-each engine's median and MoE / YOLO11 per form. Without a CUDA GPU or the tensorrt package it says so and exits 0.
+static ONNX), then times each at batch 1 beside the YOLO11 engine alone, interleaved, in 3 child processes per pair
+(visionmoe/utils/latency.py). Prints each engine's median and MoE / YOLO11 per form (medians over the pairs). Without a CUDA GPU or the tensorrt package it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ultralytics import YOLO
 
 from visionmoe import VisionMoE
 from visionmoe.export.formats import tensorrt_available
-from visionmoe.utils.latency import exported_latency_ms
+from visionmoe.utils.latency import paired_latency
 
 FORMS = ("branch", "gather")
 
@@ -49,16 +49,16 @@ def main(argv: list[str] | None = None) -> int:
                 moe = VisionMoE(f"visionmoe-yolo-{args.scale}.yaml", experts=experts, top_k=1)
                 moe.model.pt_path = str(Path(tmp) / f"e{experts}-{form}.pt")
                 files[f"e{experts}-{form}"] = moe.export(moe_dispatch=form, **export)
-        ms = exported_latency_ms(files, "tensorrt", args.imgsz, device=f"cuda:{args.device}", runs=args.runs,
-                                 warmup=args.warmup)  # fmt: skip
+        timed = paired_latency(files, dense, "tensorrt", args.imgsz, device=f"cuda:{args.device}", runs=args.runs,
+                               warmup=args.warmup)  # fmt: skip
 
-    print(f"\nTensorRT {tensorrt.__version__} FP16, batch 1, imgsz {args.imgsz}, median of {args.runs} interleaved "
-          f"rounds after {args.warmup} warmup")  # fmt: skip
-    for name, t in ms.items():
+    print(f"\nTensorRT {tensorrt.__version__} FP16, batch 1, imgsz {args.imgsz}; each engine beside {dense} alone, "
+          f"median of {args.runs} interleaved rounds after {args.warmup} warmup, in 3 child processes per pair")
+    for name, (t, _) in timed.items():
         print(f"  {name:<12} {t:8.3f} ms")
-    for name in files:
+    for name, (_, ratio) in timed.items():
         if name != dense:
-            print(f"  {name} / {dense}: {ms[name] / ms[dense]:.3f}")
+            print(f"  {name} / {dense}: {ratio:.3f}")
     return 0
 
 

@@ -1,14 +1,14 @@
 """Does eval capacity calibration bring the ViT-MoE export within 10% of the dense-MLP ViT? ONNX Runtime, CPU.
 
-    python benchmarks/vit_export.py [--scale s] [--imgsz 640] [--images 16] [--rounds 20] [--warmup 3]
+    python benchmarks/vit_export.py [--scale s] [--imgsz 640] [--images 16] [--rounds 20] [--warmup 3] [--repeats 3]
                                     [--factors 1.25] [--weights E4.pt E16.pt --data data.yaml]
 
 Exports, at batch 1, the dense-MLP ViT (`visionmoe.nn.vit.dense_baseline`) and ViT-MoE (top_k=1) with 4 and 16
 experts, each MoE model at its configured eval capacity factor, after `calibrate_capacity` on `--images` images
-(target drop rate 0.5% of each layer's assignments), and at every fixed factor of `--factors`. Times all files side
-by side in one child process (interleaved rounds, ONNX Runtime spinning off; see visionmoe/utils/latency.py) and
-prints each one's eval factors, drop rate on the calibration images, median latency and ratio to the dense ViT
-(target for the calibrated exports: <= 1.10).
+(target drop rate 0.5% of each layer's assignments), and at every fixed factor of `--factors`. Times each file
+beside the dense ViT alone, in interleaved rounds, in `--repeats` fresh child processes per pair (ONNX Runtime
+spinning off; see visionmoe/utils/latency.py) and prints each one's eval factors, drop rate on the calibration
+images, median latency and median ratio to the dense ViT (target for the calibrated exports: <= 1.10).
 
 An export's latency depends on its shapes, so on the factors, not on the weights; the calibrated factors depend on
 the routing. The default models have random weights, calibrated on the packaged synth-shapes val split (rendered
@@ -38,7 +38,7 @@ from visionmoe.nn.capacity import calibrate_capacity, token_routed_layers
 from visionmoe.nn.routing import TARGET_DROP
 from visionmoe.nn.vit import dense_baseline
 from visionmoe.utils import allowed_cpus
-from visionmoe.utils.latency import exported_latency_ms
+from visionmoe.utils.latency import paired_latency
 
 TARGET_RATIO = 1.10
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=16, help="calibration images")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="child processes per (model, dense ViT) pair")
     parser.add_argument("--factors", type=float, nargs="*", default=[1.25], help="fixed eval factors to time too")
     parser.add_argument("--weights", nargs="*", default=[], help="trained ViT-MoE checkpoints instead of E=4 and E=16")
     parser.add_argument("--data", help="calibrate on this dataset's val split instead of synth-shapes")
@@ -126,21 +127,23 @@ def main(argv: list[str] | None = None) -> int:
                     files[label] = export(model, Path(tmp), f"e{e}-{i}", args.imgsz)
                 drops = drop_rate(net, images) if drops is None else drops
                 rows.append((label, graphs[tuple(factors)], factors, drops))
-        ms = exported_latency_ms(files, "onnxruntime", args.imgsz, runs=args.rounds, warmup=args.warmup)
+        timed = paired_latency(files, "dense", "onnxruntime", args.imgsz, args.repeats, runs=args.rounds,
+                               warmup=args.warmup)  # fmt: skip
 
     weights = "trained weights" if args.weights else f"{cfg}, random weights"
     print(f"\nViT-MoE top_k=1 ({weights}) and its dense-MLP ViT, imgsz {args.imgsz}, batch 1, ONNX Runtime CPU "
-          f"({allowed_cpus()} threads), median of {args.rounds} interleaved rounds after {args.warmup} warmup")
+          f"({allowed_cpus()} threads); each model beside the dense ViT alone, median of {args.rounds} interleaved "
+          f"rounds after {args.warmup} warmup, in {args.repeats} child processes per pair")
     print(f"calibration: {len(images)} images of {source}, target drop rate <= {TARGET_DROP:.1%} per layer")
     print(f"{'model':<16} {'eval factors':<18} {'drop rate':>9} {'latency ms':>11} {'/ dense':>8}")
     for label, key, factors, drops in rows:
         factors_text = " ".join(f"{f:g}" for f in factors) or "-"
         drops_text = "-" if drops is None else f"{drops:.2%}"
-        print(f"{label:<16} {factors_text:<18} {drops_text:>9} {ms[key]:11.1f} {ms[key] / ms['dense']:8.3f}")
+        print(f"{label:<16} {factors_text:<18} {drops_text:>9} {timed[key][0]:11.1f} {timed[key][1]:8.3f}")
     missed = 0
     for label, key, _, _ in rows:
         if label.endswith("calibrated"):
-            ratio = ms[key] / ms["dense"]
+            ratio = timed[key][1]
             missed += ratio > TARGET_RATIO
             verdict = "ok" if ratio <= TARGET_RATIO else "MISSED"
             print(f"{label} / dense: {ratio:.3f} (target <= {TARGET_RATIO}) {verdict}")
