@@ -4,7 +4,8 @@
 
 Builds the engines through `export(format="engine", half=True)` (visionmoe's export goes through its checked
 static ONNX), then times each at batch 1 beside the YOLO11 engine alone, interleaved, in 3 child processes per pair
-(visionmoe/utils/latency.py). Prints each engine's median and MoE / YOLO11 per form (medians over the pairs). Without a CUDA GPU or the tensorrt package it says so and exits 0.
+(visionmoe/utils/latency.py). Prints each engine's median and MoE / YOLO11 per form (medians over the pairs).
+Without a CUDA GPU or the tensorrt package it says so and exits 0.
 """
 
 from __future__ import annotations
