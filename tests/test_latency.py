@@ -34,6 +34,8 @@ def test_paired_latency_times_each_model_beside_the_reference(tiny_onnx, tmp_pat
     timed = paired_latency({"ref": tiny_onnx, "other": other}, "ref", "onnxruntime", 32, repeats=2, runs=3, warmup=1)
     assert set(timed) == {"ref", "other"}
     assert timed["ref"][1] == 1.0 and all(ms > 0 and ratio > 0 for ms, ratio in timed.values())
+    alone = paired_latency({"ref": tiny_onnx, "other": other}, None, "onnxruntime", 32, runs=2, warmup=1)
+    assert set(alone) == {"ref", "other"} and all(ms > 0 and ratio is None for ms, ratio in alone.values())
     with pytest.raises(ValueError, match="reference 'missing' is not one of the models to time"):
         paired_latency({"ref": tiny_onnx}, "missing")
 

@@ -20,7 +20,7 @@ from ultralytics.utils.files import file_size, increment_path
 from ..data import find_data_yaml
 from ..models.yolo.model import DEFAULT_MODEL, VisionMoE
 from ..nn.tasks import find_model_yaml
-from ..utils.latency import exported_latency_ms, paired_latency, torch_latency_ms
+from ..utils.latency import paired_latency, torch_latency_ms
 from .compare import SCALES
 
 DEFAULT_DATA = "synth-shapes.yaml"
@@ -142,11 +142,8 @@ def _time(rows: list[dict[str, Any]], imgsz: int, device: str, gpu: bool) -> Non
     for runtime, group in by_runtime.items():
         dev = torch_device if runtime in {"tensorrt", "onnxruntime"} and gpu else "cpu"
         files = {str(i): r["path"] for i, r in enumerate(group)}
-        dense = next((str(i) for i, r in enumerate(group) if r["family"] == "dense"), None)
-        if dense is None:  # the dense model failed to export to this runtime: latencies without a ratio
-            timed = {i: (t, None) for i, t in exported_latency_ms(files, runtime, imgsz, device=dev).items()}
-        else:
-            timed = paired_latency(files, dense, runtime, imgsz, device=dev)
+        dense = next((str(i) for i, r in enumerate(group) if r["family"] == "dense"), None)  # None: it failed
+        timed = paired_latency(files, dense, runtime, imgsz, device=dev)
         for i, r in enumerate(group):
             t, ratio = timed[str(i)]
             r["latency_ms"] = round(t, 2)

@@ -35,7 +35,7 @@ from ..models.yolo.train import check_usable_images
 from ..nn.tasks import MOE_BLOCKS, MoEModel, find_model_yaml, load_model_yaml, models_dir
 from ..utils import allowed_cpus, use_allowed_cpus
 from ..utils.flops import active_gflops
-from ..utils.latency import exported_latency_ms, paired_latency, torch_latency_ms
+from ..utils.latency import paired_latency, torch_latency_ms
 
 COMPARE_KEYS = ("models", "seeds")  # visionmoe-only keys; all other keys are training arguments
 CONTROLLED_KEYS = {"model": "models=", "seed": "seeds="}  # set per run by compare itself
@@ -210,11 +210,8 @@ def measure_latency(entries: list[Entry], runs: dict, profiles: dict, imgsz: int
             latency[label][f"torch_{column}_ms"] = ms
         try:
             dense = next((e.label for e in done if not e.moe and e.label in onnx), None)
-            if dense:
-                pairs = paired_latency(onnx, dense, "onnxruntime", imgsz, device=device)
-                timed = {label: ms for label, (ms, _) in pairs.items()}
-            else:
-                timed = exported_latency_ms(onnx, "onnxruntime", imgsz, device=device) if onnx else {}
+            pairs = paired_latency(onnx, dense, "onnxruntime", imgsz, device=device) if onnx else {}
+            timed = {label: ms for label, (ms, _) in pairs.items()}
         except RuntimeError as e:  # e.g. no CUDAExecutionProvider in this onnxruntime
             timed = dict.fromkeys(onnx, _failure(e))
         for label in latency:

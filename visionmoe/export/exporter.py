@@ -44,8 +44,7 @@ def default_dispatch(batch: int, fmt: str = "onnx") -> str:
     ONNX Runtime (and TensorRT, built from the same ONNX) at batch 1: `If` over constant-weight experts (1.00-1.02x
     YOLO11n at 640 px against 1.04-1.06x for gathered weights). At batch > 1 the branch form would run one `If` tree
     per image and slot, each with its own copy of the weights. OpenVINO's CPU plugin runs `If` slowly (1.25-1.36x
-    against 1.08-1.12x), and
-    TorchScript is traced tensor code that holds no `If`: both take the gathered form.
+    against 1.08-1.12x), and TorchScript is traced tensor code that holds no `If`: both take the gathered form.
     """
     return "branch" if batch == 1 and fmt in {"onnx", "engine"} else "gather"
 

@@ -204,7 +204,7 @@ class MoEModel:
         return [m for _, m in self.named_moe_blocks()]
 
     def aux_loss(self) -> torch.Tensor:
-        """Sum over MoE blocks of `alpha * balance + beta * z` for the last forward pass."""
+        """Sum over the MoE blocks that routed in the last forward pass of `alpha * balance + beta * z + gamma * mi`."""
         s = self.moe_settings
         blocks = [m for m in self.moe_blocks() if m.routing is not None]
         losses = [aux_loss(m.routing, s.balance_loss, s.z_loss, s.mi_loss) for m in blocks]

@@ -152,17 +152,20 @@ def exported_latency_ms(
 
 def paired_latency(
     files: dict[str, str | Path],
-    reference: str,
+    reference: str | None,
     runtime: str = "onnxruntime",
     imgsz: int | tuple[int, int] = 640,
     repeats: int = 3,
     **kwargs: Any,
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float | None]]:
     """(median ms, median ratio to `reference`) of each model in `files`, `reference` being one of its keys.
 
     Each other model is timed beside the reference alone, in interleaved rounds, in `repeats` fresh child processes
     (see `exported_latency_ms`, which takes the remaining arguments); the reference's figures pool all its pairs.
+    Without a reference (None: e.g. the dense model failed to export) the models are timed together, with no ratio.
     """
+    if reference is None:
+        return {name: (ms, None) for name, ms in exported_latency_ms(files, runtime, imgsz, **kwargs).items()}
     if reference not in files:
         raise ValueError(f"reference '{reference}' is not one of the models to time: {list(files)}")
     others = [name for name in files if name != reference] or [reference]
