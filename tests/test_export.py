@@ -32,10 +32,11 @@ from visionmoe.nn.static import StaticExportError
 IMGSZ = 64
 BATCH = 4  # COCO8 has 4 val images
 ATOL = 1e-4
-CONFIGS = {  # (E, k) both ways, both router types, renormalised gates and a shared expert
-    "e4-top1": dict(experts=4, top_k=1),
-    "e3-top2-mlp-shared": dict(experts=3, top_k=2, router="mlp", renormalize=True, shared_expert=True),
-    "e4-top1-calibrated": dict(experts=4, top_k=1),
+CONFIGS = {  # (E, k) both ways, both router types and every router input, renormalised gates and a shared expert
+    "e4-top1": dict(experts=4, top_k=1, mask_letterbox=True),
+    "e3-top2-mlp-shared": dict(experts=3, top_k=2, router="mlp", renormalize=True, shared_expert=True,
+                               router_input="mean_std"),
+    "e4-top1-calibrated": dict(experts=4, top_k=1, router_input="max"),
     "vit": dict(model="visionmoe-vit.yaml"),  # token-routed MoE MLPs with fixed capacity
 }
 DENSE_CHECKED = "e3-top2-mlp-shared"  # the dense fallback export is checked on one config, to keep the suite short
@@ -87,10 +88,13 @@ def force_routing(model: torch.nn.Module, x: torch.Tensor, calibration: torch.Te
         if calibration is not None:
             calibrate_norms(model, calibration)
         seen = []
-        handle = block.router.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        # pooled inside the forward, where the router holds its letterbox mask
+        handle = block.router.register_forward_pre_hook(
+            lambda m, a: seen.append(m.pool(a[0]) if a[0].dim() == 4 else a[0])
+        )
         model(x)
         handle.remove()
-        h = (seen[0].mean((2, 3)) if seen[0].dim() == 4 else seen[0]).flatten(0, -2).float()  # [rows, C]
+        h = seen[0].flatten(0, -2).float()  # [rows, C]
         *hidden, gate = block.router.gate
         for layer in hidden:
             if isinstance(layer, torch.nn.Linear):
@@ -257,8 +261,9 @@ def test_graph_is_static(exported):
 
 
 def test_unit_gates_leave_no_gate_arithmetic(exported):
-    """Renormalized top-1 gates are exactly 1: a per-image router exports as mean, Gemm, Clip and TopK (the choice
-    reads the logits, so no Softmax), and the block multiplies no expert output by a gate."""
+    """Renormalized top-1 gates are exactly 1: a per-image router exports as its pooling (a mean, or a mean over the
+    letterbox mask's cells), Gemm, Clip and TopK (the choice reads the logits, so no Softmax), and the block multiplies
+    no expert output by a gate."""
     vm, path, name, _ = exported
     blocks = dict(vm.model.named_moe_blocks())
     if not all(b.routes_images and b.router.unit_gates for b in blocks.values()):
@@ -268,7 +273,9 @@ def test_unit_gates_leave_no_gate_arithmetic(exported):
         scope = f"/{block}/"
         router = {n.op_type for n in nodes if n.name.startswith(f"{scope}router/")}
         own = {n.op_type for n in nodes if n.name.startswith(scope) and n.name.count("/") == 2}  # outside submodules
-        assert router == {"ReduceMean", "Gemm", "Clip", "TopK"}, (block, router)
+        pooling = {"Mul", "ReduceSum", "Clip", "Div"} if vm.model.moe_settings.mask_letterbox else {"ReduceMean"}
+        # the mask's MaxPool to a stride is exported once, in the first block at that stride
+        assert router - {"MaxPool"} == {*pooling, "Gemm", "Clip", "TopK"}, (block, router)
         assert not own & {"Mul", "Div", "Softmax"}, (block, own)
 
 

@@ -79,6 +79,10 @@ def test_scale_from_name():
         ({"router": "softmax"}, "router='softmax'"),
         ({"expert": 4}, "unknown key 'expert'"),
         ({"balance_loss": -1.0}, "balance_loss=-1.0"),
+        ({"router_init": "pca"}, "router_init='pca'"),
+        ({"router_init": "kmeans", "dense_warmup": 0.0}, "router_init='kmeans' needs"),
+        ({"router_init": "kmeans", "router": "mlp"}, "router_init='kmeans' needs"),
+        ({"mask_letterbox": True, "router_input": "max"}, "mask_letterbox=True needs router_input='mean'"),
     ],
 )
 def test_impossible_settings_fail_with_one_line(overrides, message):

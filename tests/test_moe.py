@@ -31,7 +31,7 @@ def images(n: int = 8, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize(
     "settings",
     [{"top_k": 1}, {"top_k": 2}, {"top_k": 2, "renormalize": True}, {"top_k": 1, "shared_expert": True},
-     {"top_k": 3, "experts": 6, "router": "mlp"}],
+     {"top_k": 3, "experts": 6, "router": "mlp"}, {"router_input": "mean_std"}, {"router_input": "max"}],
 )  # fmt: skip
 def test_sparse_equals_dense_reference(settings):
     block = make_block(**settings).eval()

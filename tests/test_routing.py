@@ -106,3 +106,56 @@ def test_expert_shares_and_capacity():
     assert expert_shares(torch.tensor([[0, 1], [0, 3]]), 4).tolist() == [0.5, 0.25, 0.0, 0.25]
     assert expert_capacity(tokens=100, num_experts=8, top_k=2, capacity_factor=1.25) == 32  # ceil(31.25)
     assert expert_capacity(tokens=10, num_experts=1, top_k=1, capacity_factor=2.0) == 10  # never above T
+
+
+def test_nearest_centroid_gate_routes_each_cluster_to_its_own_expert():
+    from visionmoe.nn.router_init import TARGET_CONFIDENCE, nearest_centroid_gate
+
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1.0, 10.0, 100.0, 0.1])  # unequal feature scales: clustering must standardise first
+    centres = torch.randn(4, 4, generator=g) * 4 * scales
+    points = torch.cat([c + torch.randn(50, 4, generator=g) * scales for c in centres])
+    weight, bias = nearest_centroid_gate(points, 4, torch.Generator().manual_seed(1))
+    assert weight.shape == (4, 4) and bias.shape == (4,) and weight.dtype == torch.float32
+    probs = (points @ weight.T + bias).softmax(1)
+    choice = probs.argmax(1).view(4, 50)
+    assert all(len(set(row.tolist())) == 1 for row in choice)  # every blob goes to one expert...
+    assert len(set(choice[:, 0].tolist())) == 4  # ...and every blob to a different one
+    assert probs.max(1).values.mean().item() == pytest.approx(TARGET_CONFIDENCE, abs=1e-3)
+
+
+def test_kmeans_needs_as_many_points_as_clusters():
+    from visionmoe.nn.router_init import kmeans
+
+    with pytest.raises(ValueError, match="at least k=4 points"):
+        kmeans(torch.zeros(3, 2), 4, torch.Generator())
+
+
+def test_max_router_input_ignores_a_flat_border_that_moves_the_mean():
+    from visionmoe.nn import MoESettings, Router
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 8, 6, 6, generator=g) + 0.5  # content in [0.5, 1.5]
+    bordered = torch.nn.functional.pad(x, (2, 2, 2, 2), value=0.1)  # a letterbox border, flatter and darker
+    by_input = {name: Router(8, MoESettings(router_input=name)) for name in ("mean", "max")}
+    assert torch.equal(by_input["max"].pool(bordered), by_input["max"].pool(x))
+    assert not torch.allclose(by_input["mean"].pool(bordered), by_input["mean"].pool(x), atol=0.1)
+
+
+def test_letterbox_mask_pools_over_content_cells_only():
+    from visionmoe.nn import MoESettings, Router
+    from visionmoe.nn.tasks import letterbox_content
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 16, 16, generator=g)
+    image[:, :, :4] = 114 / 255  # a letterbox border over the top quarter, in the stride-4 cells of row 0
+    image[0, 1, 1, 1] = 0.5  # one content pixel inside it makes its cell content
+    features = torch.rand(2, 8, 4, 4, generator=g)
+    router = Router(8, MoESettings())
+    router.content = letterbox_content(image)
+    assert router.content.shape == (2, 1, 16, 16) and router.content[:, 0, :4].sum().item() == 1
+    pooled = router.pool(features)
+    torch.testing.assert_close(pooled[1], features[1, :, 1:].mean((1, 2)))
+    cells = torch.ones(4, 4)
+    cells[0, 1:] = 0  # row 0 is border except the cell holding the content pixel
+    torch.testing.assert_close(pooled[0], (features[0] * cells).sum((1, 2)) / cells.sum())

@@ -5,6 +5,7 @@ import os
 import torch
 
 from visionmoe import MoEDetectionTrainer
+from visionmoe.models.yolo.train import unaugmented_train_loader
 
 
 def test_trainer_uses_every_allowed_core_and_builds_overrides(tmp_path, coco8):
@@ -58,3 +59,31 @@ def test_resume_ties_inside_the_warmup_and_refreezes_norms_after_it():
         trainer = SimpleNamespace(model=model, ema=None, start_epoch=start_epoch, epochs=4)
         _tie_for_dense_warmup(trainer)
         assert {(b.tied, b.frozen_norm) for b in model.moe_blocks()} == {(tied, frozen)}
+
+
+def test_kmeans_router_init_gives_each_clustered_image_its_own_expert(tmp_path, coco8):
+    trainer = MoEDetectionTrainer(
+        overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml", "device": "cpu", "epochs": 2, "imgsz": 64,
+                   "batch": 4, "nbs": 4, "workers": 0, "project": str(tmp_path), "name": "kmeans",
+                   "dense_warmup": 0.5, "router_init": "kmeans", "plots": False}
+    )  # fmt: skip
+    routed = {}
+
+    def check_split(trainer):
+        if trainer.epoch != 1:  # the split (and the clustering) ran just before, in the trainer's own callback
+            return
+        model = trainer.model
+        for a, b in zip(model.moe_blocks(), trainer.ema.ema.moe_blocks()):
+            assert torch.equal(a.router.gate[0].weight, b.router.gate[0].weight)
+        loader = unaugmented_train_loader(trainer)  # the images the clusters were fitted on
+        model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                model(trainer.preprocess_batch(batch)["img"])
+        model.train()
+        routed.update({name: block.routing.indices[:, 0].tolist() for name, block in model.named_moe_blocks()})
+
+    trainer.add_callback("on_train_epoch_start", check_split)
+    trainer.train()
+    # COCO8 has 4 training images and every block 4 experts: 4 clusters of 4 points, one image each
+    assert len(routed) == 6 and all(sorted(experts) == [0, 1, 2, 3] for experts in routed.values()), routed

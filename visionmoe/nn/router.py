@@ -14,10 +14,13 @@ class Router(nn.Module):
     """Gate over E experts, run in fp32 whatever the model's precision.
 
     Per image: x [B, C, H, W] is pooled to its channel means [B, C] (with `router_input='mean_std'`, also their
-    standard deviations, [B, 2C]), giving logits [B, E]. Per token: x [B, T, C] gives logits [B, T, E].
+    standard deviations, [B, 2C]; with 'max', channel maxima [B, C]), giving logits [B, E]. Per token: x [B, T, C]
+    gives logits [B, T, E].
     """
 
-    pool_std = False  # class default: routers pickled before router_input existed read means only
+    pool_std = False  # class defaults: routers pickled before router_input existed read means only
+    pool_max = False
+    content: torch.Tensor | None = None  # [B, 1, H0, W0] image cells that are not letterbox fill, set per forward
 
     def __init__(self, channels: int, settings: MoESettings):
         super().__init__()
@@ -27,6 +30,7 @@ class Router(nn.Module):
         self.noise = settings.noise
         e = settings.experts
         self.pool_std = settings.router_input == "mean_std"
+        self.pool_max = settings.router_input == "max"
         c = channels * (2 if self.pool_std else 1)
         layers = [nn.Linear(c, e)] if settings.router == "linear" else [nn.Linear(c, c), nn.SiLU(), nn.Linear(c, e)]
         self.gate = nn.Sequential(*layers)
@@ -48,8 +52,15 @@ class Router(nn.Module):
         return torch.Generator(device).manual_seed(self.noise_seed * 1_000_003 + step)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> fp32 [B, C] channel means, or [B, 2C] means and standard deviations."""
-        mean = x.mean((2, 3)).float()
+        """[B, C, H, W] -> fp32 [B, C] channel means or maxima, or [B, 2C] means and standard deviations."""
+        if self.pool_max:
+            return x.amax((2, 3)).float()
+        if self.content is not None:  # mean over content cells only (`MoEModel.mask_letterbox`)
+            h0, w0 = self.content.shape[-2:]
+            cells = F.max_pool2d(self.content, (h0 // x.shape[-2], w0 // x.shape[-1]), ceil_mode=True)
+            mean = (x * cells).sum((2, 3)).float() / cells.sum((2, 3)).clamp(min=1).float()
+        else:
+            mean = x.mean((2, 3)).float()
         if not self.pool_std:
             return mean
         std = (x.float() - mean[..., None, None]).square().mean((2, 3)).add(1e-6).sqrt()  # eps: finite gradient

@@ -7,7 +7,8 @@ from difflib import get_close_matches
 from typing import Any
 
 ROUTERS = ("linear", "mlp")
-ROUTER_INPUTS = ("mean", "mean_std")
+ROUTER_INPUTS = ("mean", "mean_std", "max")
+ROUTER_INITS = ("random", "kmeans")
 DEFAULT_CAPACITY_FACTOR = (1.25, 2.0)  # (train, eval) for token-routed layers whose model sets none (V-MoE style)
 
 
@@ -21,7 +22,16 @@ class MoESettings:
         router: Gate type, 'linear' (one linear layer) or 'mlp' (linear-SiLU-linear).
         router_input: What a per-image router reads from the block's features [B, C, H, W]: their spatial 'mean'
             [B, C], or 'mean_std' [B, 2C], which adds each channel's spatial standard deviation, the texture and
-            contrast statistics (noise, blur) that a mean averages away.
+            contrast statistics (noise, blur) that a mean averages away, or 'max' [B, C], each channel's spatial
+            maximum, which a flat letterbox border barely moves (a mean shifts with the border's share of the image).
+        router_init: How per-image routers start when routing starts at the end of the dense warmup: 'random'
+            (as built) or 'kmeans' (a nearest-centroid gate over E k-means clusters of the router's inputs on the
+            un-augmented training images, `router_init.nearest_centroid_gate`). 'kmeans' needs a linear router and
+            dense_warmup > 0.
+        mask_letterbox: Per-image routers pool their block's features only over cells whose input pixels are not all
+            Ultralytics' letterbox fill (grey 114), so that a border (validation pads half a stride, prediction pads
+            to the image's aspect ratio, mosaic and scale augmentation fill with it) does not move their input.
+            Needs router_input='mean'.
         shared_expert: Add an always-on expert beside the routed ones (DeepSeekMoE style).
         renormalize: Rescale the k chosen gates to sum to 1 (Mixtral style); off keeps Switch-style gates.
         noise: Std of Gaussian noise added to router logits in training only (V-MoE uses 1/E); 0 disables it.
@@ -46,6 +56,8 @@ class MoESettings:
     top_k: int = 1
     router: str = "linear"
     router_input: str = "mean"
+    router_init: str = "random"
+    mask_letterbox: bool = False
     shared_expert: bool = False
     renormalize: bool = False
     noise: float = 0.0
@@ -69,9 +81,13 @@ class MoESettings:
             fail(f"router={self.router!r}, use one of {list(ROUTERS)}")
         if self.router_input not in ROUTER_INPUTS:
             fail(f"router_input={self.router_input!r}, use one of {list(ROUTER_INPUTS)}")
-        for name in ("shared_expert", "renormalize", "bpr", "freeze_expert_norm"):
+        if self.router_init not in ROUTER_INITS:
+            fail(f"router_init={self.router_init!r}, use one of {list(ROUTER_INITS)}")
+        for name in ("mask_letterbox", "shared_expert", "renormalize", "bpr", "freeze_expert_norm"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name}={getattr(self, name)!r}, use True or False")
+        if self.mask_letterbox and self.router_input != "mean":
+            fail(f"mask_letterbox=True needs router_input='mean' (got {self.router_input!r})")
         for name in ("noise", "balance_loss", "z_loss", "mi_loss"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -84,6 +100,11 @@ class MoESettings:
             fail(
                 f"dense_warmup={self.dense_warmup} needs renormalize=True, so that the experts split from the tied "
                 "one compute what it did (chosen gates sum to 1); set renormalize=True or dense_warmup=0"
+            )
+        if self.router_init == "kmeans" and (self.router != "linear" or not self.dense_warmup > 0):
+            fail(
+                f"router_init='kmeans' needs router='linear' and dense_warmup > 0 (got router={self.router!r}, "
+                f"dense_warmup={self.dense_warmup}): the clusters are fitted when the warmup ends"
             )
         if self.freeze_expert_norm and not self.dense_warmup > 0:
             fail("freeze_expert_norm=True needs dense_warmup > 0, whose full batches give the statistics it freezes")

@@ -129,7 +129,8 @@ def _fit_routing_settings(settings: MoESettings, routes_tokens: bool, routes_ima
     """Token-routed models get the default capacity factors if they set none; settings of one routing kind are
     refused by a model without a layer of that kind, which would ignore them."""
     if not routes_images:
-        for name, default in (("dense_warmup", 0), ("router_input", "mean")):
+        per_image = (("dense_warmup", 0), ("router_input", "mean"), ("router_init", "random"), ("mask_letterbox", False))
+        for name, default in per_image:
             if getattr(settings, name) != default:
                 raise ValueError(
                     f"{name}={getattr(settings, name)!r} applies to per-image MoE blocks, but {source} routes only "
@@ -183,6 +184,15 @@ def load_model_yaml(cfg: str | Path | dict[str, Any], **moe_overrides: Any) -> d
     return d
 
 
+LETTERBOX_FILL = 114  # the grey Ultralytics pads letterboxes, mosaics and scale augmentation with
+
+
+def letterbox_content(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] images in [0, 1] -> [B, 1, H, W] float mask, 1 where a pixel is not exactly the letterbox grey."""
+    fill = torch.full((), LETTERBOX_FILL, dtype=images.dtype, device=images.device) / 255  # as preprocessing divides
+    return (images != fill).any(1, keepdim=True).to(images.dtype)
+
+
 class MoEModel:
     """What every visionmoe model adds to its Ultralytics base model: settings, aux loss, active size and FLOPs.
 
@@ -202,6 +212,18 @@ class MoEModel:
     def moe_blocks(self) -> list[MoEBlock]:
         """MoE blocks in forward order."""
         return [m for _, m in self.named_moe_blocks()]
+
+    def _predict_once(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The base model's forward; with `mask_letterbox`, per-image routers first get the input's content mask."""
+        routers = [b.router for b in self.moe_blocks() if b.routes_images] if self.moe_settings.mask_letterbox else []
+        content = letterbox_content(x) if routers else None
+        for router in routers:
+            router.content = content
+        try:
+            return super()._predict_once(x, *args, **kwargs)
+        finally:
+            for router in routers:
+                router.content = None  # never kept in checkpoints or reused for another input
 
     def aux_loss(self) -> torch.Tensor:
         """Sum over the MoE blocks that routed in the last forward pass of `alpha * balance + beta * z + gamma * mi`."""

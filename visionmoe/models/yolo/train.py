@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from ultralytics.cfg import DEFAULT_CFG
+from ultralytics.data import build_dataloader, build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
@@ -19,6 +20,7 @@ from ...analysis.utilisation import UtilisationTracker
 from ...analysis.validator import RoutingValidator
 from ...data import find_data_yaml
 from ...nn.capacity import reset_capacity, token_routed_layers
+from ...nn.router_init import nearest_centroid_gate
 from ...nn.settings import check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
@@ -206,7 +208,10 @@ def _split_after_dense_warmup(trainer: MoEDetectionTrainer) -> None:
     if trainer.epoch < split_epoch(trainer):
         return
     tied = [block for model in _trained_models(trainer) for block in model.moe_blocks() if block.tied]
-    freeze = unwrap_model(trainer.model).moe_settings.freeze_expert_norm
+    settings = unwrap_model(trainer.model).moe_settings
+    freeze = settings.freeze_expert_norm
+    if tied and settings.router_init == "kmeans":
+        _fit_routers_to_clusters(trainer)
     state = trainer.optimizer.state
     for block in tied:
         for source, copy_ in block.split():
@@ -216,6 +221,52 @@ def _split_after_dense_warmup(trainer: MoEDetectionTrainer) -> None:
             block.freeze_norm()
     if tied:
         LOGGER.info(f"MoE: dense warmup over at epoch {trainer.epoch + 1}; experts split and routing on")
+
+
+def unaugmented_train_loader(trainer: MoEDetectionTrainer) -> torch.utils.data.DataLoader:
+    """The train split in order, without augmentation, each image letterboxed to a square of imgsz as training crops
+    it once mosaic closes (validation's rect batches would add a border that moves pooled router inputs, see
+    benchmarks/router_padding.py)."""
+    args, data = trainer.args, trainer.data
+    dataset = build_yolo_dataset(args, data["train"], trainer.batch_size, data, mode="val", fraction=args.fraction)
+    return build_dataloader(dataset, trainer.batch_size, args.workers, shuffle=False, device=trainer.device)
+
+
+def _fit_routers_to_clusters(trainer: MoEDetectionTrainer) -> None:
+    """Start every tied block's router as a nearest-centroid gate over E k-means clusters of its inputs on the
+    un-augmented training images (`router_init.nearest_centroid_gate`), in the trained model and its EMA.
+
+    The features come from one pass of the trained model in eval mode over the un-augmented train split: clusters of
+    photometric augmentation would route val images to experts trained on looks they never have.
+    """
+    model = unwrap_model(trainer.model)
+    blocks = [block for block in model.moe_blocks() if block.tied]
+    features: list[list[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [
+        block.experts[0].register_forward_pre_hook(lambda _, inputs, f=f, b=block: f.append(b.router.pool(inputs[0])))
+        for f, block in zip(features, blocks)
+    ]
+    loader = unaugmented_train_loader(trainer)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                model(trainer.preprocess_batch(batch)["img"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    generator = torch.Generator().manual_seed(trainer.args.seed)
+    gates = [
+        nearest_centroid_gate(torch.cat(f).cpu(), block.router.num_experts, generator)
+        for block, f in zip(blocks, features)
+    ]
+    for trained in _trained_models(trainer):  # the EMA's tied blocks come in the same order as the model's
+        for block, (weight, bias) in zip([b for b in trained.moe_blocks() if b.tied], gates):
+            block.router.gate[0].weight.data.copy_(weight)
+            block.router.gate[0].bias.data.copy_(bias)
+    LOGGER.info(f"MoE: routers of {len(blocks)} blocks start from k-means clusters of {len(loader.dataset)} images")
 
 
 def _track_utilisation(trainer: MoEDetectionTrainer) -> None:
