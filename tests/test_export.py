@@ -32,10 +32,10 @@ from visionmoe.nn.static import StaticExportError
 IMGSZ = 64
 BATCH = 4  # COCO8 has 4 val images
 ATOL = 1e-4
-CONFIGS = {  # (E, k) both ways, both router types and every router input, renormalised gates and a shared expert
+CONFIGS = {  # (E, k) both ways, both router types, mean and max router inputs, the letterbox mask, renormalised gates
+    # and a shared expert
     "e4-top1": dict(experts=4, top_k=1, mask_letterbox=True),
-    "e3-top2-mlp-shared": dict(experts=3, top_k=2, router="mlp", renormalize=True, shared_expert=True,
-                               router_input="mean_std"),
+    "e3-top2-mlp-shared": dict(experts=3, top_k=2, router="mlp", renormalize=True, shared_expert=True),
     "e4-top1-calibrated": dict(experts=4, top_k=1, router_input="max"),
     "vit": dict(model="visionmoe-vit.yaml"),  # token-routed MoE MLPs with fixed capacity
 }
@@ -261,8 +261,8 @@ def test_graph_is_static(exported):
 
 
 def test_unit_gates_leave_no_gate_arithmetic(exported):
-    """Renormalized top-1 gates are exactly 1: a per-image router exports as its pooling (a mean, or a mean over the
-    letterbox mask's cells), Gemm, Clip and TopK (the choice reads the logits, so no Softmax), and the block multiplies
+    """Renormalized top-1 gates are exactly 1: a per-image router exports as its pooling (a mean, a max, or a mean
+    over the letterbox mask's cells), Gemm, Clip and TopK (the choice reads the logits, so no Softmax), and the block multiplies
     no expert output by a gate."""
     vm, path, name, _ = exported
     blocks = dict(vm.model.named_moe_blocks())
@@ -273,7 +273,10 @@ def test_unit_gates_leave_no_gate_arithmetic(exported):
         scope = f"/{block}/"
         router = {n.op_type for n in nodes if n.name.startswith(f"{scope}router/")}
         own = {n.op_type for n in nodes if n.name.startswith(scope) and n.name.count("/") == 2}  # outside submodules
-        pooling = {"Mul", "ReduceSum", "Clip", "Div"} if vm.model.moe_settings.mask_letterbox else {"ReduceMean"}
+        settings = vm.model.moe_settings
+        pooling = {"mean": {"ReduceMean"}, "max": {"ReduceMax"}}[settings.router_input]
+        if settings.mask_letterbox:
+            pooling = {"Mul", "ReduceSum", "Clip", "Div"}
         # the mask's MaxPool to a stride is exported once, in the first block at that stride
         assert router - {"MaxPool"} == {*pooling, "Gemm", "Clip", "TopK"}, (block, router)
         assert not own & {"Mul", "Div", "Softmax"}, (block, own)
