@@ -215,7 +215,8 @@ class MoEModel:
 
     def _predict_once(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward; with `mask_letterbox`, per-image routers first get the input's content mask."""
-        routers = [b.router for b in self.moe_blocks() if b.routes_images] if self.moe_settings.mask_letterbox else []
+        masked = self.yaml["moe"].get("mask_letterbox", False)  # the validated settings dict: no rebuild per forward
+        routers = [b.router for b in self.moe_blocks() if b.routes_images] if masked else []
         content = letterbox_content(x) if routers else None
         for router in routers:
             router.content = content
