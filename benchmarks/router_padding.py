@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from visionmoe import VisionMoE
+from visionmoe.nn.tasks import LETTERBOX_FILL
 
 
 def main() -> None:
@@ -43,11 +44,11 @@ def main() -> None:
         return {name: block.routing.indices[:, 0] for name, block in model.named_moe_blocks()}
 
     plain = route(x)
-    bordered = route(F.pad(x, [args.border] * 4, value=114 / 255))
+    bordered = route(F.pad(x, [args.border] * 4, value=LETTERBOX_FILL / 255))
     print(f"{args.weights}: {len(files)} val images at {args.imgsz} px, plain vs a {args.border}-px grey border")
     print(f"{'layer':10s} {'changed':>8s}  shares plain -> bordered")
+    e = model.moe_settings.experts
     for name, experts in plain.items():
-        e = model.moe_settings.experts
         changed = (experts != bordered[name]).float().mean().item()
         shares = [f"{v:.2f}" for v in torch.bincount(experts, minlength=e).float().div(len(files)).tolist()]
         shares_b = [f"{v:.2f}" for v in torch.bincount(bordered[name], minlength=e).float().div(len(files)).tolist()]
