@@ -262,8 +262,8 @@ def test_graph_is_static(exported):
 
 def test_unit_gates_leave_no_gate_arithmetic(exported):
     """Renormalized top-1 gates are exactly 1: a per-image router exports as its pooling (a mean, a max, or a mean
-    over the letterbox mask's cells), Gemm, Clip and TopK (the choice reads the logits, so no Softmax), and the block multiplies
-    no expert output by a gate."""
+    over the letterbox mask's cells), Gemm, Clip and TopK (the choice reads the logits, so no Softmax), and the block
+    multiplies no expert output by a gate."""
     vm, path, name, _ = exported
     blocks = dict(vm.model.named_moe_blocks())
     if not all(b.routes_images and b.router.unit_gates for b in blocks.values()):

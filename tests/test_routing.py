@@ -144,11 +144,11 @@ def test_max_router_input_ignores_a_flat_border_that_moves_the_mean():
 
 def test_letterbox_mask_pools_over_content_cells_only():
     from visionmoe.nn import MoESettings, Router
-    from visionmoe.nn.tasks import letterbox_content
+    from visionmoe.nn.tasks import LETTERBOX_FILL, letterbox_content
 
     g = torch.Generator().manual_seed(0)
     image = torch.rand(2, 3, 16, 16, generator=g)
-    image[:, :, :4] = 114 / 255  # a letterbox border over the top quarter, in the stride-4 cells of row 0
+    image[:, :, :4] = LETTERBOX_FILL / 255  # a letterbox border over the top quarter, in the stride-4 cells of row 0
     image[0, 1, 1, 1] = 0.5  # one content pixel inside it makes its cell content
     features = torch.rand(2, 8, 4, 4, generator=g)
     router = Router(8, MoESettings())
