@@ -1,0 +1,90 @@
+"""Prototype recipe: top-k merged experts (each image runs ONE conv stack whose weights mix its k chosen experts).
+
+    python benchmarks/merged_experts.py data=synth-shapes.yaml epochs=20 imgsz=128 batch=16 nbs=16 workers=1 seed=0 \
+        top_k=2 project=/tmp/exp/train name=merged_k2 [any other `visionmoe train` setting]
+
+Trains visionmoe-yolo-n (default recipe) where every MoEC3k2 block, once routing starts, runs for each image the
+expert whose parameters are the gate-weighted sum of its k chosen experts' (conv weights and BatchNorm scale and
+shift), in the spirit of CondConv (Yang et al. 2019) and SMEAR (Muqeeth et al. 2023), but over the top-k only: each
+image still costs one expert's convs (plus merging k weight sets, a few kFLOPs per image), while at k=2 every expert
+trains on half the images instead of a quarter and the router gets the task gradient through the mix, not only
+through log p. BatchNorm statistics are shared by the batch (as after a dynamic conv) and kept in expert 0's
+buffers; the merged scale and shift are per image. At k=1 this is the default MoE. Validation runs the same merged
+experts. Not an export form: a batch-1 export would merge weights at runtime, like the `gather` form.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from ultralytics.cfg import DEFAULT_CFG
+
+from visionmoe.cli import parse_args
+from visionmoe.models.yolo.train import MoEDetectionTrainer
+from visionmoe.nn.batched import MATMUL_MAX_PIXELS, BatchedRun
+from visionmoe.nn.blocks import MoEC3k2
+from visionmoe.nn.routing import Routing
+
+
+class MergedRun(BatchedRun):
+    """One forward of N images, image n through the sum over j of gates[n, j] * experts[indices[n, j]] (merged
+    parameters); `experts` are all E experts of a block, in order."""
+
+    def __init__(self, indices: torch.Tensor, gates: torch.Tensor):
+        super().__init__(indices[:, 0], [])
+        self.indices, self.gates = indices, gates
+
+    def merge(self, stacked: torch.Tensor) -> torch.Tensor:
+        """[E, ...] per-expert tensors -> [N, ...] per-image gate-weighted sums over the chosen experts."""
+        chosen = stacked[self.indices]  # [N, k, ...]: only the chosen experts are read (and get gradients)
+        return (chosen * self.gates.to(stacked.dtype).view(*self.gates.shape, *(1,) * (stacked.dim() - 1))).sum(1)
+
+    def conv(self, convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
+        c = convs[0]
+        n, _, h, w = x.shape
+        weight = self.merge(torch.stack([c.weight for c in convs]))  # [N, c2, c1/g, kh, kw]
+        bias = None if c.bias is None else self.merge(torch.stack([c.bias for c in convs]))
+        pointwise = c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
+        if c.groups == 1 and (pointwise or h * w <= MATMUL_MAX_PIXELS):
+            cols = x.flatten(2) if pointwise else F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
+            y = weight.flatten(2) @ cols
+            y = y if bias is None else y + bias.unsqueeze(2)
+            k, d, p, s = c.kernel_size, c.dilation, c.padding, c.stride
+            return y.view(n, -1, *((m + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, m in enumerate((h, w))))
+        y = F.conv2d(x.flatten(0, 1).unsqueeze(0), weight.flatten(0, 1), None if bias is None else bias.flatten(),
+                     c.stride, c.padding, c.dilation, n * c.groups)  # fmt: skip
+        return y.view(n, -1, *y.shape[2:])
+
+    def batch_norm(self, bns: Sequence[nn.BatchNorm2d], y: torch.Tensor) -> torch.Tensor:
+        bn = bns[0]  # statistics over the whole batch, kept in expert 0's buffers
+        y = F.batch_norm(y, bn.running_mean, bn.running_var, None, None, bn.training, bn.momentum or 0.1, bn.eps)
+        scale = self.merge(torch.stack([b.weight for b in bns]))[..., None, None]
+        shift = self.merge(torch.stack([b.bias for b in bns]))[..., None, None]
+        return torch.addcmul(shift, y, scale)
+
+
+class MergedMoEC3k2(MoEC3k2):
+    """MoEC3k2 whose sparse dispatch runs merged top-k experts (see `MergedRun`)."""
+
+    def mixture(self, x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch.Tensor:
+        if self.dispatch != "sparse":
+            return super().mixture(x, experts, routing)
+        return MergedRun(routing.indices, routing.gates)(list(experts), x)
+
+
+class MergedTrainer(MoEDetectionTrainer):
+    def get_model(self, cfg=None, weights=None, verbose: bool = True):
+        model = super().get_model(cfg, weights, verbose)
+        for block in model.moe_blocks():
+            if type(block) is MoEC3k2:
+                block.__class__ = MergedMoEC3k2
+        return model
+
+
+if __name__ == "__main__":
+    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
+    MergedTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
