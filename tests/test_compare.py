@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from visionmoe.engine.compare import columns, matched_baselines, resolve_models
+from visionmoe.engine.compare import columns, load, matched_baselines, resolve_models
 
 from conftest import run_cli
 
@@ -84,6 +84,15 @@ def test_matched_dense_baselines_are_added_for_moe_only_lists():
     entries = resolve_models("visionmoe-yolo-s.yaml")
     assert [(e.label, e.moe) for e in entries] == [("visionmoe-yolo-s", True), ("yolo11s", False), ("yolo11m", False)]
     assert [e.moe for e in resolve_models("visionmoe-yolo-n.yaml,yolo11n.yaml")] == [True, False]  # no additions
+
+
+def test_dense_runs_step_with_the_moe_trainers_optimizer_kernels(coco8, tmp_path):
+    (entry,) = resolve_models("yolo11n.yaml")
+    model = load(entry, entry.name)
+    model.train(data="coco8.yaml", epochs=1, imgsz=64, batch=4, nbs=4, workers=0, plots=False, val=False,
+                project=str(tmp_path), name="dense")  # fmt: skip
+    groups = model.trainer.optimizer.param_groups
+    assert groups and all(group["foreach"] for group in groups)  # as MoEDetectionTrainer's, so s/epoch is fair
 
 
 @pytest.mark.parametrize(

@@ -72,11 +72,7 @@ class MoEDetectionTrainer(DetectionTrainer):
         Off CUDA torch defaults to a Python loop over tensors, so the step grows with the tensor count, and an MoE
         model holds E copies of every expert tensor; foreach computes the same update in a few ops per group.
         """
-        optimizer = super().build_optimizer(*args, **kwargs)
-        for group in optimizer.param_groups:
-            if "foreach" in group and group["foreach"] is None and not group.get("fused"):
-                group["foreach"] = True
-        return optimizer
+        return use_foreach(super().build_optimizer(*args, **kwargs))
 
     def get_validator(self) -> RoutingValidator:
         """DetectionValidator that also records routing; no example images, since training writes no routing maps."""
@@ -137,6 +133,15 @@ class MoEDetectionTrainer(DetectionTrainer):
         elif weights:
             upcycle(model, weights, verbose=verbose and RANK in {-1, 0})
         return model
+
+
+def use_foreach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Step every parameter group whose optimizer left the choice to torch with multi-tensor (foreach) kernels:
+    the same update in a few ops per group, where torch's CPU default loops over the tensors in Python."""
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+            group["foreach"] = True
+    return optimizer
 
 
 def drop_epochs_after(path: Path, epoch: int) -> None:
