@@ -25,7 +25,7 @@ from ultralytics.cfg import DEFAULT_CFG
 
 from visionmoe.cli import parse_args
 from visionmoe.models.yolo.train import MoEDetectionTrainer
-from visionmoe.nn.batched import MATMUL_MAX_PIXELS, BatchedRun
+from visionmoe.nn.batched import BatchedRun
 from visionmoe.nn.blocks import MoEC3k2
 from visionmoe.nn.routing import Routing
 
@@ -38,32 +38,16 @@ class MergedRun(BatchedRun):
         super().__init__(indices[:, 0], [])
         self.indices, self.gates = indices, gates
 
-    def merge(self, stacked: torch.Tensor) -> torch.Tensor:
+    def pair_params(self, stacked: torch.Tensor) -> torch.Tensor:
         """[E, ...] per-expert tensors -> [N, ...] per-image gate-weighted sums over the chosen experts."""
         chosen = stacked[self.indices]  # [N, k, ...]: only the chosen experts are read (and get gradients)
         return (chosen * self.gates.to(stacked.dtype).view(*self.gates.shape, *(1,) * (stacked.dim() - 1))).sum(1)
 
-    def conv(self, convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
-        c = convs[0]
-        n, _, h, w = x.shape
-        weight = self.merge(torch.stack([c.weight for c in convs]))  # [N, c2, c1/g, kh, kw]
-        bias = None if c.bias is None else self.merge(torch.stack([c.bias for c in convs]))
-        pointwise = c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
-        if c.groups == 1 and (pointwise or h * w <= MATMUL_MAX_PIXELS):
-            cols = x.flatten(2) if pointwise else F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
-            y = weight.flatten(2) @ cols
-            y = y if bias is None else y + bias.unsqueeze(2)
-            k, d, p, s = c.kernel_size, c.dilation, c.padding, c.stride
-            return y.view(n, -1, *((m + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, m in enumerate((h, w))))
-        y = F.conv2d(x.flatten(0, 1).unsqueeze(0), weight.flatten(0, 1), None if bias is None else bias.flatten(),
-                     c.stride, c.padding, c.dilation, n * c.groups)  # fmt: skip
-        return y.view(n, -1, *y.shape[2:])
-
     def batch_norm(self, bns: Sequence[nn.BatchNorm2d], y: torch.Tensor) -> torch.Tensor:
         bn = bns[0]  # statistics over the whole batch, kept in expert 0's buffers
         y = F.batch_norm(y, bn.running_mean, bn.running_var, None, None, bn.training, bn.momentum or 0.1, bn.eps)
-        scale = self.merge(torch.stack([b.weight for b in bns]))[..., None, None]
-        shift = self.merge(torch.stack([b.bias for b in bns]))[..., None, None]
+        scale = self.pair_params(torch.stack([b.weight for b in bns]))[..., None, None]
+        shift = self.pair_params(torch.stack([b.bias for b in bns]))[..., None, None]
         return torch.addcmul(shift, y, scale)
 
 

@@ -65,6 +65,10 @@ class BatchedRun:
             return self.conv(experts, x)
         raise TypeError(f"expert module {kind.__name__} has no batched form; use dispatch='sparse'")
 
+    def pair_params(self, stacked: torch.Tensor) -> torch.Tensor:
+        """[U, ...] one tensor per expert -> [M, ...] the tensor each pair runs with (its expert's)."""
+        return stacked.index_select(0, self.index)
+
     def conv(self, convs: Sequence[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
         """Each pair's conv with its expert's weights: x [M, c1, H, W] -> [M, c2, H', W'].
 
@@ -75,8 +79,8 @@ class BatchedRun:
         if c.padding_mode != "zeros":
             raise TypeError(f"expert conv pads with '{c.padding_mode}'; the batched form pads with zeros")
         m, _, h, w = x.shape
-        weight = torch.stack([c.weight for c in convs]).index_select(0, self.index)  # [M, c2, c1/g, kh, kw]
-        bias = None if c.bias is None else torch.stack([c.bias for c in convs]).index_select(0, self.index)  # [M, c2]
+        weight = self.pair_params(torch.stack([c.weight for c in convs]))  # [M, c2, c1/g, kh, kw]
+        bias = None if c.bias is None else self.pair_params(torch.stack([c.bias for c in convs]))  # [M, c2]
         pointwise = c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
         if c.groups == 1 and (pointwise or h * w <= MATMUL_MAX_PIXELS):
             cols = x.flatten(2) if pointwise else F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
