@@ -110,7 +110,7 @@ class BatchedRun:
             # of their variances plus the spread of their means (law of total variance): one pass over y, exact.
             n = y.new_tensor(self.counts).unsqueeze(1)  # [U, 1] pairs per expert
             mean = y.new_zeros(len(bns), y.shape[1]).index_add(0, self.index, mean_i) / n
-            spread = (mean_i - mean.index_select(0, self.index)).square()
+            spread = (mean_i - self.pair_params(mean)).square()
             var = y.new_zeros(mean.shape).index_add(0, self.index, var_i + spread) / n
             if bn.training and bn.track_running_stats:
                 self._update_running_stats(bns, mean.detach(), var.detach(), y.shape[2] * y.shape[3])
@@ -122,7 +122,7 @@ class BatchedRun:
         if bn.affine:
             weight = torch.stack([b.weight for b in bns])
             scale, shift = scale * weight, shift * weight + torch.stack([b.bias for b in bns])
-        scale, shift = (t.index_select(0, self.index)[..., None, None] for t in (scale, shift))
+        scale, shift = (self.pair_params(t)[..., None, None] for t in (scale, shift))
         return torch.addcmul(shift, y, scale)
 
     @torch.no_grad()
