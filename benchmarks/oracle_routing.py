@@ -8,7 +8,7 @@ domains.csv): routed epochs and every validation send each image to the expert o
 every MoE block. The routers still train on their aux losses but decide nothing. If even this oracle does not lift
 the MoE above YOLO11n, better routers cannot either, on this data and schedule. Domain groups (4 experts, 6 synth
 domains): clean and colourshift, cluttered, noisy and lowlight, blurred. The run folder is a normal training run
-(results.csv, weights, analysis.json, whose NMI with the domain is then 1 by construction).
+(results.csv, weights, analysis.json, whose NMI with the domain is then 0.86 in every layer by construction).
 """
 
 from __future__ import annotations
