@@ -92,7 +92,7 @@ def test_dense_runs_step_with_the_moe_trainers_optimizer_kernels(coco8, tmp_path
     model.train(data="coco8.yaml", epochs=1, imgsz=64, batch=4, nbs=4, workers=0, plots=False, val=False,
                 project=str(tmp_path), name="dense")  # fmt: skip
     groups = model.trainer.optimizer.param_groups
-    assert groups and all(group["foreach"] for group in groups)  # as MoEDetectionTrainer's, so s/epoch is fair
+    assert groups and all(group["fused"] for group in groups)  # as MoEDetectionTrainer's, so s/epoch is fair
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,11 @@
 
 import os
 
+import pytest
 import torch
 
 from visionmoe import MoEDetectionTrainer
-from visionmoe.models.yolo.train import unaugmented_train_loader
+from visionmoe.models.yolo.train import unaugmented_train_loader, use_fast_kernels
 
 
 def test_trainer_uses_every_allowed_core_and_builds_overrides(tmp_path, coco8):
@@ -42,10 +43,33 @@ def test_dense_warmup_trains_tied_experts_then_splits_with_their_optimizer_state
 
     trainer.add_callback("on_train_epoch_start", check_epoch)
     trainer.train()
-    assert all(group["foreach"] for group in trainer.optimizer.param_groups)  # one multi-tensor op per group
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)  # one fused CPU kernel per group
     assert seen == {0: [True] * 12, 1: [False] * 12}
     rows = (trainer.save_dir / "expert_utilisation.csv").read_text().splitlines()[1:]
     assert rows and {row.split(",")[0] for row in rows} == {"2"}  # no router ran in the tied epoch
+
+
+@pytest.mark.parametrize(
+    "optimizer, kernel", [(torch.optim.AdamW, "fused"), (torch.optim.SGD, "fused"), (torch.optim.RMSprop, "foreach")]
+)
+def test_fast_kernels_fuse_where_torch_can_and_keep_the_update(optimizer, kernel):
+    def stepped(fast: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+        groups = [{"params": params[:1], "weight_decay": 0.05}, {"params": params[1:], "weight_decay": 0.0}]
+        opt = optimizer(groups, lr=0.01, momentum=0.9) if optimizer is not torch.optim.AdamW else optimizer(groups)
+        opt = use_fast_kernels(opt) if fast else opt
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert all(bool(group.get(kernel)) == fast for group in opt.param_groups)
+        return params
+
+    for fast, slow in zip(stepped(True), stepped(False)):
+        torch.testing.assert_close(fast, slow)
+    explicit = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], foreach=False)
+    assert use_fast_kernels(explicit).param_groups[0]["fused"] is None  # the builder's choice stands
 
 
 def test_resume_ties_inside_the_warmup_and_refreezes_norms_after_it():

@@ -31,7 +31,7 @@ from ultralytics.utils.files import increment_path
 
 from ..data import find_data_yaml
 from ..models.yolo.model import VisionMoE
-from ..models.yolo.train import check_usable_images, use_foreach
+from ..models.yolo.train import check_usable_images, use_fast_kernels
 from ..nn.tasks import MOE_BLOCKS, MoEModel, find_model_yaml, load_model_yaml, models_dir
 from ..utils import allowed_cpus, use_allowed_cpus
 from ..utils.flops import active_gflops
@@ -145,8 +145,8 @@ def _use_allowed_cpus(trainer) -> None:
     use_allowed_cpus(trainer.device)  # dense runs get the threads the MoE trainer takes, so timings are fair
 
 
-def _use_foreach(trainer) -> None:
-    use_foreach(trainer.optimizer)  # and its optimizer kernels, so that s/epoch compares models, not Python loops
+def _use_fast_kernels(trainer) -> None:
+    use_fast_kernels(trainer.optimizer)  # and its optimizer kernels, so that s/epoch compares models, not Python loops
 
 
 def load(entry: Entry, weights: str | Path, moe_args: dict[str, Any] | None = None) -> YOLO | VisionMoE:
@@ -155,7 +155,7 @@ def load(entry: Entry, weights: str | Path, moe_args: dict[str, Any] | None = No
         return VisionMoE(weights, **(moe_args or {}))
     model = YOLO(weights)
     model.add_callback("on_pretrain_routine_start", _use_allowed_cpus)
-    model.add_callback("on_pretrain_routine_end", _use_foreach)  # the optimizer exists from here on
+    model.add_callback("on_pretrain_routine_end", _use_fast_kernels)  # the optimizer exists from here on
     return model
 
 

@@ -37,7 +37,7 @@ class MoEDetectionTrainer(DetectionTrainer):
     built from a YAML. The 'moe' loss column comes from MoEDetectionModel.loss; per-epoch expert shares go to
     `expert_utilisation.csv` in the run folder. With `dense_warmup`, per-image MoE blocks train tied (one expert,
     router idle) for that fraction of the epochs and then split into E copies (see `_split_after_dense_warmup`).
-    The optimizer steps with foreach kernels. Validation records routing. At the end of training, best.pt's eval
+    The optimizer steps with fused or foreach kernels. Validation records routing. At the end of training, best.pt's eval
     capacity is calibrated on the val split (token-routed models), and the final validation's utilisation and NMI
     summary goes to analysis.json and analysis.md in the run folder.
     """
@@ -67,12 +67,12 @@ class MoEDetectionTrainer(DetectionTrainer):
         self.add_callback("on_train_end", _write_routing_summary)
 
     def build_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        """Ultralytics' optimizer, stepping every parameter group with torch's multi-tensor (foreach) kernels.
+        """Ultralytics' optimizer, stepping every parameter group with torch's fused or multi-tensor kernels.
 
         Off CUDA torch defaults to a Python loop over tensors, so the step grows with the tensor count, and an MoE
-        model holds E copies of every expert tensor; foreach computes the same update in a few ops per group.
+        model holds E copies of every expert tensor; see `use_fast_kernels`.
         """
-        return use_foreach(super().build_optimizer(*args, **kwargs))
+        return use_fast_kernels(super().build_optimizer(*args, **kwargs))
 
     def get_validator(self) -> RoutingValidator:
         """DetectionValidator that also records routing; no example images, since training writes no routing maps."""
@@ -135,11 +135,26 @@ class MoEDetectionTrainer(DetectionTrainer):
         return model
 
 
-def use_foreach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Step every parameter group whose optimizer left the choice to torch with multi-tensor (foreach) kernels:
-    the same update in a few ops per group, where torch's CPU default loops over the tensors in Python."""
+# Optimizers with a fused CPU kernel (torch >= 2.4); the others step on CPU with foreach kernels at best.
+FUSED_ON_CPU = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def use_fast_kernels(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Step every parameter group whose optimizer left the choice to torch with its fastest kernels; call it before
+    the first step. The update is the same; only the kernels differ.
+
+    On CPU torch's default loops over the tensors in Python. For Adam(W) and SGD on CPU the fused kernel updates each
+    group in one pass (for the 4.1 M parameters of visionmoe-yolo-n, AdamW steps in 14 ms against 49 ms with foreach
+    and more with the loop); elsewhere Ultralytics already fuses on CUDA, and the rest get multi-tensor (foreach) ops.
+    """
+    on_cpu = all(p.device.type == "cpu" for group in optimizer.param_groups for p in group["params"])
+    fuse = on_cpu and type(optimizer) in FUSED_ON_CPU
     for group in optimizer.param_groups:
-        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+        if "foreach" not in group or group["foreach"] is not None or group.get("fused"):
+            continue  # a choice made by whoever built the optimizer
+        if fuse and "fused" in group:
+            group["fused"] = True
+        else:
             group["foreach"] = True
     return optimizer
 
