@@ -8,20 +8,32 @@ every model per round), so load from other processes hits all alike. Target (iss
     python benchmarks/train_step.py --threads 1        # one thread: no OpenMP barriers stalled by other load
     python benchmarks/train_step.py --profile batched   # torch.profiler table of one dispatch's step and the dense one
     python benchmarks/train_step.py --weights best.pt   # a trained MoE: balanced routing, as in training
+    python benchmarks/train_step.py --weights best.pt --blocks   # each MoE block's forward + backward on its inputs
+
+`--blocks` times every MoE block alone: tied (expert 0 on every image, the dense block's cost), each dispatch, and
+`segmented`, a prototype that sorts the images by expert and runs each pointwise or small-map conv as one ragged
+`torch.nn.functional.grouped_mm` over the experts' stacked weights (larger maps: one conv per expert), with BatchNorm
+by segment statistics as in `batched`.
 """
 
 from __future__ import annotations
 
 import argparse
+import types
+from collections.abc import Sequence
 from typing import get_args
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
 from visionmoe.data.synth import CLASSES, render
-from visionmoe.nn.blocks import STATIC_DISPATCHES, Dispatch
+from visionmoe.nn.batched import MATMUL_MAX_PIXELS, BatchedRun
+from visionmoe.nn.blocks import STATIC_DISPATCHES, Dispatch, MoEBlock
+from visionmoe.nn.dispatch import _expand_gates
+from visionmoe.nn.routing import Routing
 from visionmoe.nn.tasks import build_model
 from visionmoe.utils import allowed_cpus
 from visionmoe.utils.latency import interleaved_median_ms
@@ -50,6 +62,75 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], dispatch:
     loss.sum().backward()
 
 
+class SegmentedRun(BatchedRun):
+    """BatchedRun over pairs sorted by expert (`index` non-decreasing), whose convs run per expert segment."""
+
+    def conv(self, convs: Sequence[torch.nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
+        c = convs[0]
+        m, _, h, w = x.shape
+        pointwise = c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
+        if c.groups != 1 or not (pointwise or h * w <= MATMUL_MAX_PIXELS):
+            return torch.cat([conv(xs) for conv, xs in zip(convs, x.split(self.counts))])
+        k, d, p, s = c.kernel_size, c.dilation, c.padding, c.stride
+        cols = x.flatten(2) if pointwise else F.unfold(x, k, d, p, s)  # [M, c1*kh*kw, L]
+        pixels = cols.shape[2]
+        weight = torch.stack([conv.weight.flatten(1).t() for conv in convs])  # [U, c1*kh*kw, c2]
+        offsets = (torch.tensor(self.counts).cumsum(0) * pixels).to(torch.int32)
+        y = F.grouped_mm(cols.transpose(1, 2).reshape(m * pixels, -1), weight, offs=offsets)  # [M*L, c2]
+        if c.bias is not None:
+            y = y + torch.stack([conv.bias for conv in convs]).index_select(0, self.index.repeat_interleave(pixels))
+        size = [(n + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, n in enumerate((h, w))]
+        return y.view(m, pixels, -1).transpose(1, 2).reshape(m, -1, *size)
+
+
+def segmented_mixture(block: MoEBlock, x: torch.Tensor, experts: Sequence[torch.nn.Module], routing: Routing):
+    """`sparse_mixture` through `SegmentedRun` (the prototype `--blocks` times as 'segmented')."""
+    n, k = routing.indices.shape
+    flat = routing.indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    used = [e for e, count in enumerate(counts) if count]
+    position = torch.zeros(len(experts), dtype=flat.dtype)
+    position[used] = torch.arange(len(used))
+    run = SegmentedRun(position[flat[order]], [counts[e] for e in used])
+    y = run([experts[e] for e in used], x[order // k])
+    y = y * _expand_gates(routing.gates.reshape(-1)[order], y)
+    return y.new_zeros((n, *y.shape[1:])).index_add(0, order // k, y)
+
+
+def time_blocks(moe: torch.nn.Module, img: torch.Tensor, dispatches: list[str], rounds: int) -> None:
+    """Median forward + backward of each MoE block on its own inputs: tied, each dispatch, and 'segmented'."""
+    blocks = list(moe.moe_blocks())
+    inputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach())) for b in blocks]
+    with torch.no_grad():
+        moe(img)
+    for hook in hooks:
+        hook.remove()
+
+    def step(block: MoEBlock, x: torch.Tensor, mode: str) -> None:
+        block.tied = mode == "tied"
+        block.dispatch = "sparse" if mode in ("tied", "segmented") else mode
+        if mode == "segmented":
+            block.mixture = types.MethodType(segmented_mixture, block)
+        y = block(x)
+        y.backward(torch.ones_like(y))
+        block.tied = False
+        block.__dict__.pop("mixture", None)
+
+    modes = ["tied", *dispatches] + (["segmented"] if hasattr(F, "grouped_mm") else [])  # torch >= 2.9
+    totals = dict.fromkeys(modes, 0.0)
+    for i, (block, x) in enumerate(zip(blocks, inputs)):
+        x.requires_grad_(True)
+        ms = interleaved_median_ms({mode: (lambda mode=mode: step(block, x, mode)) for mode in modes}, rounds)
+        counts = torch.bincount(block.routing.indices.flatten(), minlength=len(block.experts)).tolist()
+        print(f"{block.router.label:>9} {str(list(x.shape)):>18} images per expert {counts}: "
+              + "  ".join(f"{mode} {value:6.2f}" for mode, value in ms.items()))  # fmt: skip
+        for mode, value in ms.items():
+            totals[mode] += value
+    print("all blocks, ms (x tied): " + "  ".join(f"{m} {v:.1f} ({v / totals['tied']:.2f})" for m, v in totals.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="n")
@@ -62,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dispatches", nargs="+", default=[d for d in TRAIN_DISPATCHES if d != "dense"],
                         choices=TRAIN_DISPATCHES, help="MoE training dispatches to time ('dense' runs every expert)")
     parser.add_argument("--profile", choices=TRAIN_DISPATCHES, help="profile this dispatch and the dense model")
+    parser.add_argument("--blocks", action="store_true", help="time each MoE block alone (see above)")
     parser.add_argument("--weights", help="a trained MoE checkpoint, whose routers spread images as training does "
                         "(fresh routers send most images to one or two experts)")
     args = parser.parse_args(argv)  # fmt: skip
@@ -81,6 +163,12 @@ def main(argv: list[str] | None = None) -> None:
         ).train()
     dense.args = moe.args = hyp
     batch = synth_batch(args.batch, args.imgsz)
+
+    if args.blocks:
+        print(f"forward + backward per MoE block, ms, median of {args.rounds} interleaved rounds, "
+              f"{torch.get_num_threads()} threads")  # fmt: skip
+        time_blocks(moe, batch["img"], args.dispatches, args.rounds)
+        return
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
