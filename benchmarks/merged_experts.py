@@ -9,8 +9,9 @@ shift), in the spirit of CondConv (Yang et al. 2019) and SMEAR (Muqeeth et al. 2
 image still costs one expert's convs (plus merging k weight sets, a few kFLOPs per image), while at k=2 every expert
 trains on half the images instead of a quarter and the router gets the task gradient through the mix, not only
 through log p. BatchNorm statistics are shared by the batch (as after a dynamic conv) and kept in expert 0's
-buffers; the merged scale and shift are per image. At k=1 this is the default MoE. Validation runs the same merged
-experts. Not an export form: a batch-1 export would merge weights at runtime, like the `gather` form.
+buffers, and copied into the other experts' so that Ultralytics' Conv+BN fusion before its final validation folds
+the statistics the experts ran with; the merged scale and shift are per image. At k=1 this is the default MoE except
+for those batch-wide statistics. Validation runs the same merged experts. Not an export form: a batch-1 export would merge weights at runtime, like the `gather` form.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class MergedRun(BatchedRun):
     def batch_norm(self, bns: Sequence[nn.BatchNorm2d], y: torch.Tensor) -> torch.Tensor:
         bn = bns[0]  # statistics over the whole batch, kept in expert 0's buffers
         y = F.batch_norm(y, bn.running_mean, bn.running_var, None, None, bn.training, bn.momentum or 0.1, bn.eps)
+        if bn.training:  # every expert holds the shared statistics, so that fusing each expert's BN folds them
+            with torch.no_grad():
+                for other in bns[1:]:
+                    other.running_mean.copy_(bn.running_mean)
+                    other.running_var.copy_(bn.running_var)
         scale = self.pair_params(torch.stack([b.weight for b in bns]))[..., None, None]
         shift = self.pair_params(torch.stack([b.bias for b in bns]))[..., None, None]
         return torch.addcmul(shift, y, scale)
