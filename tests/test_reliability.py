@@ -29,7 +29,7 @@ def test_sigkill_after_first_epoch_then_resume(tmp_path, coco8):
     run = tmp_path / "train"
     exe = Path(sys.executable).with_name("visionmoe")
     proc = subprocess.Popen(
-        [str(exe), "train", *TRAIN, "epochs=4", "noise=0.5", f"project={tmp_path}", "name=train"],
+        [str(exe), "train", *TRAIN, "epochs=4", "noise=0.5", "dense_warmup=0.5", f"project={tmp_path}", "name=train"],
         env={**os.environ, **OFFLINE_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
