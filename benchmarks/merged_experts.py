@@ -11,7 +11,8 @@ trains on half the images instead of a quarter and the router gets the task grad
 through log p. BatchNorm statistics are shared by the batch (as after a dynamic conv) and kept in expert 0's
 buffers, and copied into the other experts' so that Ultralytics' Conv+BN fusion before its final validation folds
 the statistics the experts ran with; the merged scale and shift are per image. At k=1 this is the default MoE except
-for those batch-wide statistics. Validation runs the same merged experts. Not an export form: a batch-1 export would merge weights at runtime, like the `gather` form.
+for those batch-wide statistics. Validation runs the same merged experts. Not an export form: a batch-1 export would
+merge weights at runtime, like the `gather` form.
 """
 
 from __future__ import annotations
