@@ -85,6 +85,17 @@ def test_resume_ties_inside_the_warmup_and_refreezes_norms_after_it():
         assert {(b.tied, b.frozen_norm) for b in model.moe_blocks()} == {(tied, frozen)}
 
 
+def test_the_last_epoch_always_routes():
+    from types import SimpleNamespace
+
+    from visionmoe.models.yolo.train import split_epoch
+    from visionmoe.nn.tasks import build_model
+
+    for warmup, epochs, split in ((0.7, 20, 14), (0.7, 2, 1), (0.7, 1, 0), (0.9, 4, 3), (0.0, 1, 0)):
+        model = build_model("visionmoe-yolo-n.yaml", verbose=False, dense_warmup=warmup)
+        assert split_epoch(SimpleNamespace(model=model, epochs=epochs)) == split, (warmup, epochs)
+
+
 def test_kmeans_router_init_gives_each_clustered_image_its_own_expert(tmp_path, coco8):
     trainer = MoEDetectionTrainer(
         overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml", "device": "cpu", "epochs": 2, "imgsz": 64,

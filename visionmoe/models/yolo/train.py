@@ -200,8 +200,10 @@ def _seed_router_noise(trainer: MoEDetectionTrainer) -> None:
 
 
 def split_epoch(trainer: MoEDetectionTrainer) -> int:
-    """First epoch (0-based) in which the MoE blocks route: the end of the dense warmup."""
-    return round(unwrap_model(trainer.model).moe_settings.dense_warmup * trainer.epochs)
+    """First epoch (0-based) in which the MoE blocks route: the end of the dense warmup, and at the latest the last
+    epoch, so that every run trains its routers (at dense_warmup 0.7 a 1-epoch run would otherwise never route)."""
+    warmup_epochs = round(unwrap_model(trainer.model).moe_settings.dense_warmup * trainer.epochs)
+    return min(warmup_epochs, trainer.epochs - 1)
 
 
 def _trained_models(trainer: MoEDetectionTrainer) -> list[MoEModel]:
