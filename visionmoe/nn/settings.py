@@ -45,8 +45,8 @@ class MoESettings:
         dense_warmup: Fraction of the training epochs in which every per-image MoE block runs a single expert for
             every image (experts tied, routers idle); then the trainer copies it into all E experts and routing
             starts (sparse upcycling within one run), so that no expert starts from scratch on 1/E of the data.
-            0 routes from the first step. Needs renormalize=True, so that the split block computes what the tied
-            one did.
+            0 routes from the first step; the last epoch always routes. Needs renormalize=True, so that the split
+            block computes what the tied one did.
         freeze_expert_norm: After the dense warmup, the experts' BatchNorms normalise with the running statistics the
             tied expert gathered over full batches, in training as in eval, instead of the statistics of the few
             images routed to them (scale and shift still train). Needs dense_warmup > 0.
