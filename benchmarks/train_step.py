@@ -30,9 +30,9 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
 from visionmoe.data.synth import CLASSES, render
-from visionmoe.nn.batched import MATMUL_MAX_PIXELS, BatchedRun
+from visionmoe.nn.batched import MATMUL_MAX_PIXELS, BatchedRun, conv_output_size
 from visionmoe.nn.blocks import STATIC_DISPATCHES, Dispatch, MoEBlock
-from visionmoe.nn.dispatch import _expand_gates
+from visionmoe.nn.dispatch import _expand_gates, used_experts
 from visionmoe.nn.routing import Routing
 from visionmoe.nn.tasks import build_model
 from visionmoe.utils import allowed_cpus
@@ -71,16 +71,15 @@ class SegmentedRun(BatchedRun):
         pointwise = c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
         if c.groups != 1 or not (pointwise or h * w <= MATMUL_MAX_PIXELS):
             return torch.cat([conv(xs) for conv, xs in zip(convs, x.split(self.counts))])
-        k, d, p, s = c.kernel_size, c.dilation, c.padding, c.stride
-        cols = x.flatten(2) if pointwise else F.unfold(x, k, d, p, s)  # [M, c1*kh*kw, L]
+        # [M, c1*kh*kw, L] columns, L output pixels per image
+        cols = x.flatten(2) if pointwise else F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
         pixels = cols.shape[2]
         weight = torch.stack([conv.weight.flatten(1).t() for conv in convs])  # [U, c1*kh*kw, c2]
         offsets = (torch.tensor(self.counts).cumsum(0) * pixels).to(torch.int32)
         y = F.grouped_mm(cols.transpose(1, 2).reshape(m * pixels, -1), weight, offs=offsets)  # [M*L, c2]
         if c.bias is not None:
             y = y + torch.stack([conv.bias for conv in convs]).index_select(0, self.index.repeat_interleave(pixels))
-        size = [(n + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, n in enumerate((h, w))]
-        return y.view(m, pixels, -1).transpose(1, 2).reshape(m, -1, *size)
+        return y.view(m, pixels, -1).transpose(1, 2).reshape(m, -1, *conv_output_size(c, h, w))
 
 
 def segmented_mixture(block: MoEBlock, x: torch.Tensor, experts: Sequence[torch.nn.Module], routing: Routing):
@@ -88,10 +87,7 @@ def segmented_mixture(block: MoEBlock, x: torch.Tensor, experts: Sequence[torch.
     n, k = routing.indices.shape
     flat = routing.indices.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    used = [e for e, count in enumerate(counts) if count]
-    position = torch.zeros(len(experts), dtype=flat.dtype)
-    position[used] = torch.arange(len(used))
+    counts, used, position = used_experts(flat, len(experts))
     run = SegmentedRun(position[flat[order]], [counts[e] for e in used])
     y = run([experts[e] for e in used], x[order // k])
     y = y * _expand_gates(routing.gates.reshape(-1)[order], y)

@@ -26,6 +26,12 @@ from .experts import BottleneckStack
 MATMUL_MAX_PIXELS = 16  # maps up to this many pixels run k x k convs as a batched matmul (see `BatchedRun.conv`)
 
 
+def conv_output_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    """(H', W') of `conv`'s output on an H x W map, by nn.Conv2d's formula."""
+    k, d, p, s = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    return tuple((n + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, n in enumerate((h, w)))
+
+
 class BatchedRun:
     """One batched forward of U experts (the ones some pair chose) on M (image, slot) pairs.
 
@@ -86,8 +92,7 @@ class BatchedRun:
             cols = x.flatten(2) if pointwise else F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
             y = weight.flatten(2) @ cols  # [M, c2, H'*W']
             y = y if bias is None else y + bias.unsqueeze(2)
-            k, d, p, s = c.kernel_size, c.dilation, c.padding, c.stride
-            return y.view(m, -1, *((n + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, n in enumerate((h, w))))
+            return y.view(m, -1, *conv_output_size(c, h, w))
         y = F.conv2d(x.flatten(0, 1).unsqueeze(0), weight.flatten(0, 1), bias if bias is None else bias.flatten(),
                      c.stride, c.padding, c.dilation, m * c.groups)  # fmt: skip
         return y.view(m, -1, *y.shape[2:])

@@ -62,6 +62,16 @@ def _join_unused(out: torch.Tensor, unused: Sequence[nn.Module]) -> torch.Tensor
     return out
 
 
+def used_experts(indices: torch.Tensor, num_experts: int) -> tuple[list[int], list[int], torch.Tensor]:
+    """Which experts some item chose: (counts [E] of (item, slot) pairs per expert, the used experts in order,
+    position [E] mapping each used expert to its place among them), so that only those experts need to run."""
+    counts = torch.bincount(indices.reshape(-1), minlength=num_experts).tolist()
+    used = [e for e, c in enumerate(counts) if c]
+    position = torch.zeros(num_experts, dtype=indices.dtype, device=indices.device)
+    position[used] = torch.arange(len(used), device=indices.device)
+    return counts, used, position
+
+
 def batched_mixture(
     x: torch.Tensor, experts: Sequence[nn.Module], indices: torch.Tensor, gates: torch.Tensor
 ) -> torch.Tensor:
@@ -81,10 +91,7 @@ def batched_mixture(
     Returns:
         [N, ...out] with out[i] = sum_j gates[i, j] * experts[indices[i, j]](x[i]).
     """
-    counts = torch.bincount(indices.reshape(-1), minlength=len(experts)).tolist()
-    used = [e for e, c in enumerate(counts) if c]
-    position = torch.zeros(len(experts), dtype=indices.dtype, device=indices.device)
-    position[used] = torch.arange(len(used), device=indices.device)  # expert -> its place among the used ones
+    counts, used, position = used_experts(indices, len(experts))
     chosen, used_counts = [experts[e] for e in used], [counts[e] for e in used]
     out = static_mixture(x, lambda xk, index: BatchedRun(index, used_counts)(chosen, xk), position[indices], gates)
     return _join_unused(out, [expert for expert, c in zip(experts, counts) if not c])
