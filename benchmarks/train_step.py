@@ -30,7 +30,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
 from visionmoe.data.synth import CLASSES, render
-from visionmoe.nn.batched import MATMUL_MAX_PIXELS, BatchedRun, conv_output_size
+from visionmoe.nn.batched import BatchedRun, conv_output_size, matmul_columns
 from visionmoe.nn.blocks import STATIC_DISPATCHES, Dispatch, MoEBlock
 from visionmoe.nn.dispatch import _expand_gates, used_experts
 from visionmoe.nn.routing import Routing
@@ -68,11 +68,9 @@ class SegmentedRun(BatchedRun):
     def conv(self, convs: Sequence[torch.nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
         c = convs[0]
         m, _, h, w = x.shape
-        pointwise = c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
-        if c.groups != 1 or not (pointwise or h * w <= MATMUL_MAX_PIXELS):
+        cols = matmul_columns(c, x)  # [M, c1*kh*kw, L], L output pixels per image
+        if cols is None:
             return torch.cat([conv(xs) for conv, xs in zip(convs, x.split(self.counts))])
-        # [M, c1*kh*kw, L] columns, L output pixels per image
-        cols = x.flatten(2) if pointwise else F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
         pixels = cols.shape[2]
         weight = torch.stack([conv.weight.flatten(1).t() for conv in convs])  # [U, c1*kh*kw, c2]
         offsets = (torch.tensor(self.counts).cumsum(0) * pixels).to(torch.int32)

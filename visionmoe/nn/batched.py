@@ -26,6 +26,15 @@ from .experts import BottleneckStack
 MATMUL_MAX_PIXELS = 16  # maps up to this many pixels run k x k convs as a batched matmul (see `BatchedRun.conv`)
 
 
+def matmul_columns(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """x [M, c1, H, W] as im2col columns [M, c1*kh*kw, H'*W'] where `conv` is faster as a matmul over them on CPU
+    (ungrouped, and pointwise or on a map of at most MATMUL_MAX_PIXELS pixels); None where it should run as a conv."""
+    pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+    if conv.groups != 1 or not (pointwise or x.shape[2] * x.shape[3] <= MATMUL_MAX_PIXELS):
+        return None
+    return x.flatten(2) if pointwise else F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+
+
 def conv_output_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
     """(H', W') of `conv`'s output on an H x W map, by nn.Conv2d's formula."""
     k, d, p, s = conv.kernel_size, conv.dilation, conv.padding, conv.stride
@@ -87,9 +96,8 @@ class BatchedRun:
         m, _, h, w = x.shape
         weight = self.pair_params(torch.stack([c.weight for c in convs]))  # [M, c2, c1/g, kh, kw]
         bias = None if c.bias is None else self.pair_params(torch.stack([c.bias for c in convs]))  # [M, c2]
-        pointwise = c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
-        if c.groups == 1 and (pointwise or h * w <= MATMUL_MAX_PIXELS):
-            cols = x.flatten(2) if pointwise else F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
+        cols = matmul_columns(c, x)
+        if cols is not None:
             y = weight.flatten(2) @ cols  # [M, c2, H'*W']
             y = y if bias is None else y + bias.unsqueeze(2)
             return y.view(m, -1, *conv_output_size(c, h, w))
