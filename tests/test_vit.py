@@ -24,6 +24,7 @@ from visionmoe.nn.capacity import calibrate_capacity, token_routed_layers
 from visionmoe.nn.routing import (
     CAPACITY_STEP,
     TARGET_DROP,
+    TOPK_MAX,
     capacity_drop_rate,
     expert_capacity,
     fit_capacity_factor,
@@ -92,23 +93,25 @@ def test_bpr_lets_high_gate_tokens_claim_capacity_first():
     assert token_slots(indices, tied, num_experts=2, capacity=2, bpr=True)[0].flatten().tolist() == [2, 0, 3, 1]
 
 
-def test_bpr_slots_of_an_onnx_export_equal_eager_with_ties(tmp_path):
-    """An export ranks tokens with TopK instead of a stable sort; ONNX Runtime must queue equal gates alike."""
+@pytest.mark.parametrize("tokens", [40, TOPK_MAX + 60])
+def test_bpr_slots_of_an_onnx_export_equal_eager_with_ties(tmp_path, tokens):
+    """An export ranks tokens with TopK (pairwise above TensorRT's TopK limit) instead of a stable sort; ONNX Runtime
+    must queue equal gates alike."""
     ort = pytest.importorskip("onnxruntime")
 
     class Slots(nn.Module):
         def forward(self, indices, gates):
-            return token_slots(indices, gates, num_experts=3, capacity=4, bpr=True)
+            return token_slots(indices, gates, num_experts=3, capacity=tokens // 2, bpr=True)
 
     torch.manual_seed(0)
-    indices = torch.randint(0, 3, (2, 40, 2))
-    gates = torch.randint(0, 4, (2, 40, 2)).float() / 4  # four levels among 40 tokens: many ties
+    indices = torch.randint(0, 3, (2, tokens, 2))
+    gates = torch.randint(0, 4, (2, tokens, 2)).float() / 4  # four gate levels: many ties
     path = tmp_path / "slots.onnx"
     torch.onnx.export(Slots(), (indices, gates), path, input_names=["i", "g"], opset_version=17, dynamo=False)
-    assert "TopK" in {node.op_type for node in onnx.load(path).graph.node}
+    assert ("TopK" in {node.op_type for node in onnx.load(path).graph.node}) == (tokens <= TOPK_MAX)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     slots, kept = session.run(None, {"i": indices.numpy(), "g": gates.numpy()})
-    expected_slots, expected_kept = token_slots(indices, gates, num_experts=3, capacity=4, bpr=True)
+    expected_slots, expected_kept = token_slots(indices, gates, num_experts=3, capacity=tokens // 2, bpr=True)
     assert (slots == expected_slots.numpy()).all() and (kept == expected_kept.numpy()).all()
     assert 0 < expected_kept.float().mean() < 1  # capacity binds, so the order decides who is kept
 

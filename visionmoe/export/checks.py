@@ -11,11 +11,12 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
+from ..nn.routing import TOPK_MAX
+
 # Ops whose output shape or control flow depends on data (NonZero, Loop, If, ...) and ops TensorRT lacks or gets
 # wrong. `If` is allowed only where the caller allows it (the branch form, whose branches have the same static shapes)
 FORBIDDEN_OPS = frozenset({"NonZero", "Loop", "If", "Scan", "Unique", "Compress", "NonMaxSuppression"})
 SCATTER_OPS = frozenset({"ScatterND", "ScatterElements"})
-TOPK_MAX = 3840  # TensorRT's limit on TopK's K
 
 
 def constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
