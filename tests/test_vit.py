@@ -93,7 +93,7 @@ def test_bpr_lets_high_gate_tokens_claim_capacity_first():
     assert token_slots(indices, tied, num_experts=2, capacity=2, bpr=True)[0].flatten().tolist() == [2, 0, 3, 1]
 
 
-@pytest.mark.parametrize("tokens", [40, TOPK_MAX + 60])
+@pytest.mark.parametrize("tokens", [40, 1600, TOPK_MAX + 60])  # 1600: a 640 px image at stride 16
 def test_bpr_slots_of_an_onnx_export_equal_eager_with_ties(tmp_path, tokens):
     """An export ranks tokens with TopK (pairwise above TensorRT's TopK limit) instead of a stable sort; ONNX Runtime
     must queue equal gates alike."""
