@@ -1,11 +1,12 @@
 """What Batch Prioritized Routing costs in an exported token-routed layer: `token_slots` alone, ONNX Runtime CPU.
 
-    python benchmarks/token_slots.py [--imgsz 640] [--experts 4 16] [--factor 2.0] [--rounds 30]
+    python benchmarks/token_slots.py [--imgsz 640] [--experts 4 16] [--factor 2.0] [--rounds 30] [--batch 16]
 
 Exports `visionmoe.nn.routing.token_slots` for one image's tokens (T = (imgsz/16)^2 at the ViT's patch stride, top-1)
 with tokens queued in raster order and with BPR (queued by descending gate), and times both in one process, in
 interleaved rounds, with ONNX Runtime spinning off (visionmoe/utils/latency.py). BPR adds one sort over T tokens
 (ONNX TopK); the MoE layer around it (expert matmuls over E x C x D buffers) costs tens of milliseconds at 640 px.
+Then times the same in eager PyTorch for a training batch of `--batch` images, where BPR runs in every forward.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--factor", type=float, default=2.0, help="eval capacity factor")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16, help="images per eager call (a training batch)")
     args = parser.parse_args()
     tokens = (args.imgsz // PATCH) ** 2
     gates = torch.rand(1, tokens, 1)
@@ -59,11 +61,25 @@ def main() -> None:
                 used = {i.name: feed[i.name] for i in session.get_inputs()}  # raster order never reads the gates
                 runners[f"{e}-{bpr}"] = lambda s=session, f=used: s.run(None, f)
         times = interleaved_median_ms(runners, runs=args.rounds, warmup=3)
+    eager = {}
+    for e in args.experts:
+        indices, batch_gates = torch.randint(0, e, (args.batch, tokens, 1)), torch.rand(args.batch, tokens, 1)
+        capacity = expert_capacity(tokens, e, 1, args.factor)
+        for bpr in (False, True):
+            eager[f"{e}-{bpr}"] = lambda i=indices, g=batch_gates, e=e, c=capacity, b=bpr: token_slots(i, g, e, c, b)
+    torch.set_num_threads(allowed_cpus())
+    with torch.no_grad():
+        eager_times = interleaved_median_ms(eager, runs=args.rounds, warmup=3)
     print(f"token_slots for one image, T={tokens} tokens (imgsz {args.imgsz}), top-1, capacity factor {args.factor:g}, "
           f"ONNX Runtime CPU ({allowed_cpus()} threads), median of {args.rounds} interleaved rounds")
     print(f"{'experts':>7} {'raster ms':>10} {'BPR ms':>8} {'BPR - raster':>13}")
     for e in args.experts:
         raster, bpr = times[f"{e}-False"], times[f"{e}-True"]
+        print(f"{e:>7} {raster:10.3f} {bpr:8.3f} {bpr - raster:13.3f}")
+    print(f"the same in eager PyTorch ({torch.get_num_threads()} threads) for a batch of {args.batch} images")
+    print(f"{'experts':>7} {'raster ms':>10} {'BPR ms':>8} {'BPR - raster':>13}")
+    for e in args.experts:
+        raster, bpr = eager_times[f"{e}-False"], eager_times[f"{e}-True"]
         print(f"{e:>7} {raster:10.3f} {bpr:8.3f} {bpr - raster:13.3f}")
 
 
