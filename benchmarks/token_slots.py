@@ -37,6 +37,15 @@ class Slots(nn.Module):
         return token_slots(indices, gates, self.num_experts, self.capacity, self.bpr)
 
 
+def print_table(title: str, times: dict[str, float], experts: list[int]) -> None:
+    """One row per E: raster-order and BPR milliseconds (keys "E-False", "E-True") and their difference."""
+    print(title)
+    print(f"{'experts':>7} {'raster ms':>10} {'BPR ms':>8} {'BPR - raster':>13}")
+    for e in experts:
+        raster, bpr = times[f"{e}-False"], times[f"{e}-True"]
+        print(f"{e:>7} {raster:10.3f} {bpr:8.3f} {bpr - raster:13.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--imgsz", type=int, default=640)
@@ -61,6 +70,7 @@ def main() -> None:
                 used = {i.name: feed[i.name] for i in session.get_inputs()}  # raster order never reads the gates
                 runners[f"{e}-{bpr}"] = lambda s=session, f=used: s.run(None, f)
         times = interleaved_median_ms(runners, runs=args.rounds, warmup=3)
+    runners.clear()  # no ONNX Runtime session stays alive beside the eager timing
     eager = {}
     for e in args.experts:
         indices, batch_gates = torch.randint(0, e, (args.batch, tokens, 1)), torch.rand(args.batch, tokens, 1)
@@ -70,18 +80,14 @@ def main() -> None:
     torch.set_num_threads(allowed_cpus())
     with torch.no_grad():
         eager_times = interleaved_median_ms(eager, runs=args.rounds, warmup=3)
-    print(f"token_slots for one image, T={tokens} tokens (imgsz {args.imgsz}), top-1, capacity factor {args.factor:g}, "
-          f"ONNX Runtime CPU ({allowed_cpus()} threads), median of {args.rounds} interleaved rounds")
-    print(f"{'experts':>7} {'raster ms':>10} {'BPR ms':>8} {'BPR - raster':>13}")
-    for e in args.experts:
-        raster, bpr = times[f"{e}-False"], times[f"{e}-True"]
-        print(f"{e:>7} {raster:10.3f} {bpr:8.3f} {bpr - raster:13.3f}")
-    print(f"the same in eager PyTorch ({torch.get_num_threads()} threads) for a batch of {args.batch} images")
-    print(f"{'experts':>7} {'raster ms':>10} {'BPR ms':>8} {'BPR - raster':>13}")
-    for e in args.experts:
-        raster, bpr = eager_times[f"{e}-False"], eager_times[f"{e}-True"]
-        print(f"{e:>7} {raster:10.3f} {bpr:8.3f} {bpr - raster:13.3f}")
-
+    print_table(
+        f"token_slots for one image, T={tokens} tokens (imgsz {args.imgsz}), top-1, capacity factor {args.factor:g}, "
+        f"ONNX Runtime CPU ({allowed_cpus()} threads), median of {args.rounds} interleaved rounds",
+        times,
+        args.experts,
+    )
+    print_table(f"the same in eager PyTorch ({torch.get_num_threads()} threads) for a batch of {args.batch} images",
+                eager_times, args.experts)  # fmt: skip
 
 if __name__ == "__main__":
     main()
