@@ -15,7 +15,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -88,6 +87,7 @@ def main() -> None:
     )
     print_table(f"the same in eager PyTorch ({torch.get_num_threads()} threads) for a batch of {args.batch} images",
                 eager_times, args.experts)  # fmt: skip
+
 
 if __name__ == "__main__":
     main()
