@@ -5,16 +5,18 @@
 
 Exports, at batch 1, the dense-MLP ViT (`visionmoe.nn.vit.dense_baseline`) and ViT-MoE (top_k=1) with 4 and 16
 experts, each MoE model at its configured eval capacity factor, after `calibrate_capacity` on `--images` images
-(target drop rate 0.5% of each layer's assignments), and at every fixed factor of `--factors`. Times each file
-beside the dense ViT alone, in interleaved rounds, in `--repeats` fresh child processes per pair (ONNX Runtime
-spinning off; see visionmoe/utils/latency.py) and prints each one's eval factors, drop rate on the calibration
-images, median latency and median ratio to the dense ViT (target for the calibrated exports: <= 1.10).
+(one factor per expert, the fewest slots that drop at most 0.5% of each layer's assignments), and at every fixed
+factor of `--factors`. Times each file beside the dense ViT alone, in interleaved rounds, in `--repeats` fresh child
+processes per pair (ONNX Runtime spinning off; see visionmoe/utils/latency.py) and prints each one's eval factors
+(per layer, the mean over its experts: its slots as a multiple of its tokens), drop rate on the calibration images,
+median latency and median ratio to the dense ViT (target for the calibrated exports: <= 1.10).
 
 An export's latency depends on its shapes, so on the factors, not on the weights; the calibrated factors depend on
 the routing. The default models have random weights, calibrated on the packaged synth-shapes val split (rendered
 in-process by visionmoe.data.synth, resized to imgsz). Random routers send most of an image's tokens to one or two
-experts, so on them calibration keeps the configured factor; trained checkpoints (--weights, with their dataset's
-val split via --data) show what it saves, and --factors what a given factor costs.
+experts, the same ones in most images, which per-expert factors follow; trained checkpoints (--weights, with their
+dataset's val split via --data) show what calibration saves on learned routing, and --factors what a given uniform
+factor costs.
 """
 
 from __future__ import annotations
@@ -71,10 +73,16 @@ def drop_rate(model: torch.nn.Module, images: list[torch.Tensor]) -> float:
     return 1 - torch.stack(kept).mean().item()
 
 
-def set_factors(model: torch.nn.Module, factors: list[float]) -> None:
-    """Set the eval capacity factor of each token-routed layer, in forward order."""
-    for (_, layer), factor in zip(token_routed_layers(model), factors):
-        layer.eval_capacity_factor = factor
+def set_factors(model: torch.nn.Module, factors: list[float | tuple[float, ...]]) -> None:
+    """Set the eval capacity factors of each token-routed layer, in forward order: one for all its experts or one
+    per expert."""
+    for (_, layer), layer_factors in zip(token_routed_layers(model), factors):
+        layer.eval_capacity_factors = layer_factors
+
+
+def mean_factor(factors: float | tuple[float, ...]) -> float:
+    """A layer's buffer slots as a multiple of its tokens (top_k=1): the mean of its experts' factors."""
+    return factors if isinstance(factors, float) else sum(factors) / len(factors)
 
 
 def export(model: VisionMoE, folder: Path, name: str, imgsz: int) -> str:
@@ -117,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             configured = [layer.capacity_factor[1] for _, layer in token_routed_layers(net)]
             variants = [(f"E={e}", configured, calibration.configured_drop_rate)]
             variants += [(f"E={e} cf={f:g}", [f] * len(configured), None) for f in args.factors]
-            calibrated = [fit.factor for fit in calibration.layers.values()]
+            calibrated = [fit.factors for fit in calibration.layers.values()]
             variants += [(f"E={e} calibrated", calibrated, calibration.drop_rate)]
-            graphs: dict[tuple[float, ...], str] = {}  # equal factors export the same graph: time it once
+            graphs: dict[tuple, str] = {}  # equal factors export the same graph: time it once
             for i, (label, factors, drops) in enumerate(variants):
                 set_factors(net, factors)
                 if tuple(factors) not in graphs:
@@ -135,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({allowed_cpus()} threads); each model beside the dense ViT alone, median of {args.rounds} interleaved "
           f"rounds after {args.warmup} warmup, in {args.repeats} child processes per pair")
     print(f"calibration: {len(images)} images of {source}, target drop rate <= {TARGET_DROP:.1%} per layer")
-    print(f"{'model':<16} {'eval factors':<18} {'drop rate':>9} {'latency ms':>11} {'/ dense':>8}")
+    print(f"{'model':<16} {'mean factors':<18} {'drop rate':>9} {'latency ms':>11} {'/ dense':>8}")
     for label, key, factors, drops in rows:
-        factors_text = " ".join(f"{f:g}" for f in factors) or "-"
+        factors_text = " ".join(f"{mean_factor(f):.3g}" for f in factors) or "-"
         drops_text = "-" if drops is None else f"{drops:.2%}"
         print(f"{label:<16} {factors_text:<18} {drops_text:>9} {timed[key][0]:11.1f} {timed[key][1]:8.3f}")
     missed = 0

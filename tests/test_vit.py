@@ -26,8 +26,9 @@ from visionmoe.nn.routing import (
     TARGET_DROP,
     TOPK_MAX,
     capacity_drop_rate,
+    expert_capacities,
     expert_capacity,
-    fit_capacity_factor,
+    fit_capacity_factors,
     token_loads,
     token_slots,
 )
@@ -72,6 +73,8 @@ def test_capacity_arithmetic():
     assert expert_capacity(tokens=16, num_experts=8, top_k=2, capacity_factor=1.25) == 5  # ceil(2*16*1.25/8)
     assert expert_capacity(tokens=10, num_experts=3, top_k=1, capacity_factor=1.0) == 4  # ceil(3.33)
     assert expert_capacity(tokens=4, num_experts=2, top_k=2, capacity_factor=2.0) == 4  # never above T
+    assert expert_capacities(tokens=16, top_k=1, factors=[2.0, 1.0, 0.5, 0.0]) == [8, 4, 2, 0]
+    assert expert_capacities(tokens=16, top_k=1, factors=[1.25] * 4) == [expert_capacity(16, 4, 1, 1.25)] * 4
 
 
 def test_slots_queue_first_choices_before_second_and_drop_past_capacity():
@@ -142,33 +145,80 @@ def test_tokens_over_capacity_skip_the_expert():
     torch.testing.assert_close(y, per_token_loop(block, x), atol=1e-5, rtol=1e-5)
 
 
+def test_per_expert_capacities_keep_what_fits_and_match_the_per_token_reference():
+    block = force_experts(make_mlp(experts=4, cf=(1.0, 2.0), bpr=True), [3.0, 2.0, 1.0, 0.0]).eval()
+    block.eval_capacity_factors = [1.5, 0.5, 0.0, 2.0]  # 6, 2, 0 and 8 of 16 tokens
+    with torch.no_grad():
+        block.router.gate[0].weight.normal_()  # tokens spread over the experts, most to expert 0
+        x = torch.randn(3, 16, 8)
+        y = block(x)
+    loads = token_loads(block.routing.indices, 4)
+    kept = torch.zeros(3, 4, dtype=torch.long).scatter_add_(1, block.routing.indices[..., 0], block.kept[..., 0].long())
+    assert torch.equal(kept, loads.clamp(max=torch.tensor([6, 2, 0, 8])))  # every expert keeps min(load, C_e)
+    expected_drops = capacity_drop_rate(loads, 1, block.eval_capacity_factors)
+    assert block.dropped > 0 and block.dropped == pytest.approx(expected_drops)
+    torch.testing.assert_close(y, per_token_loop(block, x), atol=1e-5, rtol=1e-5)
+    block.dispatch = "dense"
+    torch.testing.assert_close(block(x), y, atol=1e-5, rtol=1e-5)
+    for bad in ([1.0] * 3, [3.0, 3.0, 3.0, 3.0], [-0.5, 1.0, 1.0, 1.0], 0.0):
+        with pytest.raises(ValueError, match="eval capacity factors"):
+            block.eval_capacity_factors = bad
+
+
 def test_drop_rate_from_loads_is_what_the_slots_drop():
     torch.manual_seed(0)
     indices = torch.stack([torch.randperm(4)[:2] for _ in range(3 * 24)]).view(3, 24, 2)  # k=2 distinct experts
     indices[0, :12] = torch.tensor([1, 0])  # one image crowds experts 1 and 0
-    for cf in (0.5, 1.0, 1.25):
-        _, kept = token_slots(indices, torch.rand(3, 24, 2), 4, expert_capacity(24, 4, 2, cf), bpr=True)
-        rate = capacity_drop_rate(token_loads(indices, 4), top_k=2, capacity_factor=cf)
-        assert rate * kept.numel() == pytest.approx((~kept).sum().item()) and (cf == 1.25 or rate > 0)
+    for factors in (0.5, 1.0, 1.25, [1.5, 0.75, 1.0, 0.5]):
+        per_expert = [factors] * 4 if isinstance(factors, float) else factors
+        _, kept = token_slots(indices, torch.rand(3, 24, 2), 4, expert_capacities(24, 2, per_expert), bpr=True)
+        rate = capacity_drop_rate(token_loads(indices, 4), top_k=2, capacity_factor=factors)
+        assert rate * kept.numel() == pytest.approx((~kept).sum().item()) and (factors == 1.25 or rate > 0)
 
 
-def test_fit_capacity_factor_on_constructed_loads():
+def _slots(factors: list[float], loads: torch.Tensor, top_k: int = 1) -> int:
+    return sum(sum(expert_capacities(int(t), top_k, factors)) for t in loads.sum(-1) // top_k)
+
+
+def test_fit_capacity_factors_on_constructed_loads():
     balanced = torch.tensor([[20, 20, 20, 20], [20, 20, 20, 20]])  # T=80, E=4, k=1: fair share 20
-    assert fit_capacity_factor(balanced, top_k=1, max_factor=2.0) == 1.0  # 0.95 gives 19 slots: 5% dropped
-    assert fit_capacity_factor(balanced, top_k=2, max_factor=2.0) == 1.0  # the same loads as k=2 of 40 tokens
-    assert fit_capacity_factor(balanced * 2, top_k=1, max_factor=2.0) == 1.0  # T=160
+    assert fit_capacity_factors(balanced, top_k=1, max_factor=2.0) == [1.0] * 4  # 0.95 gives 19 slots: 5% dropped
+    assert fit_capacity_factors(balanced, top_k=2, max_factor=2.0) == [1.0] * 4  # the same loads as k=2 of 40 tokens
+    assert fit_capacity_factors(balanced * 2, top_k=1, max_factor=2.0) == [1.0] * 4  # T=160
     skewed = torch.tensor([[20, 20, 20, 20], [30, 20, 20, 10]])  # 160 assignments
-    assert fit_capacity_factor(skewed, top_k=1, max_factor=2.0, target_drop=0.0) == 1.5  # 30 slots
-    # 1.1 gives 22 slots: 8 of 160 dropped (5%); 1.05 gives 21: 9 dropped
-    assert fit_capacity_factor(skewed, top_k=1, max_factor=2.0, target_drop=0.05) == 1.1
-    assert capacity_drop_rate(skewed, top_k=1, capacity_factor=1.1) == 0.05
-    assert capacity_drop_rate(skewed, top_k=1, capacity_factor=1.05) > 0.05
-    assert fit_capacity_factor(skewed, top_k=1, max_factor=1.3, target_drop=0.0) == 1.3  # never above the cap
-    assert fit_capacity_factor(balanced, top_k=1, max_factor=0.8) == 0.8
+    assert fit_capacity_factors(skewed, top_k=1, max_factor=2.0, target_drop=0.0) == [1.5, 1.0, 1.0, 1.0]
+    # One factor for all needs 1.1 (22 slots each, 8 of 160 dropped, 5%); per expert the 8 drops come off the
+    # experts whose steps drop one assignment (expert 0 over image 1's 30, expert 3 over image 0's 20)
+    fitted = fit_capacity_factors(skewed, top_k=1, max_factor=2.0, target_drop=0.05)
+    assert capacity_drop_rate(skewed, top_k=1, capacity_factor=fitted) == 0.05
+    assert sum(fitted) == pytest.approx(4.5 - 8 * CAPACITY_STEP) and fitted[1:3] == [1.0, 1.0]
+    capped = fit_capacity_factors(skewed, top_k=1, max_factor=1.0, target_drop=0.0)  # 4.5 steps wanted, 4.0 allowed
+    assert sum(capped) == pytest.approx(4.0)  # never more slots than the configured factor gives all experts
+    assert capacity_drop_rate(skewed, 1, capped) <= capacity_drop_rate(skewed, 1, 1.0)  # nor more drops than it
+    halves = torch.tensor([[40, 0, 40, 0]])  # the configured 1.0 drops half; its slots, placed, drop nothing
+    assert fit_capacity_factors(halves, top_k=1, max_factor=1.0) == [2.0, 0.0, 2.0, 0.0]
+    assert capacity_drop_rate(halves, 1, 1.0) == 0.5
     mixed = torch.tensor([[20, 20, 20, 20], [24, 12, 12, 12]])  # T=80 and T=60: fair shares 20 and 15
-    assert fit_capacity_factor(mixed, top_k=1, max_factor=2.0, target_drop=0.0) == 1.55  # ceil(15 * 1.55) = 24
+    assert fit_capacity_factors(mixed, top_k=1, max_factor=2.0, target_drop=0.0) == [1.55, 1.0, 1.0, 1.0]  # 24 of 60
     with pytest.raises(ValueError, match="target_drop"):
-        fit_capacity_factor(balanced, top_k=1, max_factor=2.0, target_drop=1.0)
+        fit_capacity_factors(balanced, top_k=1, max_factor=2.0, target_drop=1.0)
+
+
+@pytest.mark.parametrize("target", [0.0, 0.02, 0.1])
+def test_fit_capacity_factors_uses_the_fewest_slots_within_the_target(target):
+    """Against every combination of factors on the grid, for three experts of random crowded loads."""
+    torch.manual_seed(int(target * 100))
+    loads = torch.stack([torch.bincount(torch.multinomial(torch.tensor([0.6, 0.3, 0.1]), 20, True), minlength=3)
+                         for _ in range(6)])  # fmt: skip
+    fitted = fit_capacity_factors(loads, top_k=1, max_factor=2.0, target_drop=target, step=0.15)
+    assert capacity_drop_rate(loads, 1, fitted) <= target
+    grid = [round(i * 0.15, 6) for i in range(21)]  # up to 3.0 = E/k: C = T
+    fewest = min(
+        _slots([a, b, c], loads)
+        for a in grid for b in grid for c in grid
+        if capacity_drop_rate(loads, 1, [a, b, c]) <= target and a + b + c <= 6.0 + 1e-9
+    )  # fmt: skip
+    assert _slots(fitted, loads) == fewest < _slots([2.0] * 3, loads)
 
 
 class MoEStack(nn.Module):
@@ -202,7 +252,7 @@ def measured_drop_rates(model: nn.Module, batches: list[torch.Tensor]) -> dict[s
 
 
 @pytest.mark.parametrize("target", [TARGET_DROP, 0.1])
-def test_calibration_lowers_balanced_layers_to_the_smallest_factor_within_the_drop_target(target):
+def test_calibration_gives_every_layer_the_fewest_slots_within_the_drop_target(target):
     model = MoEStack()
     batches = [torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     calibration = calibrate_capacity(model, batches, target)
@@ -212,40 +262,45 @@ def test_calibration_lowers_balanced_layers_to_the_smallest_factor_within_the_dr
     measured = measured_drop_rates(model, batches)
     for name, layer in token_routed_layers(model):
         fit = calibration.layers[name]
-        assert fit.factor == layer.eval_capacity_factor < fit.configured == 2.0
+        assert fit.factors == layer.eval_capacity_factors and fit.mean_factor < fit.configured == 2.0
         # exact for these images, though each layer's drops change the routing of the layers after it
         assert measured[name] == pytest.approx(fit.drop_rate, abs=1e-9) and fit.drop_rate <= target
-    for name, layer in token_routed_layers(model):  # one step less capacity in any layer misses the target
-        layer.eval_capacity_factor = calibration.layers[name].factor - CAPACITY_STEP
-        assert measured_drop_rates(model, batches)[name] > target
-        layer.eval_capacity_factor = calibration.layers[name].factor
+    for name, layer in token_routed_layers(model):  # one step less capacity for any expert misses the target
+        fitted = calibration.layers[name].factors
+        for e in (e for e, f in enumerate(fitted) if f > 0):
+            layer.eval_capacity_factors = [f - CAPACITY_STEP * (i == e) for i, f in enumerate(fitted)]
+            assert measured_drop_rates(model, batches)[name] > target
+        layer.eval_capacity_factors = fitted
 
 
-def test_eval_capacity_factor_survives_checkpoints(tmp_path):
+def test_eval_capacity_factors_survive_checkpoints(tmp_path):
     model = build_model("visionmoe-vit-t.yaml", nc=2, verbose=False)
     factors = {}
-    for (name, layer), factor in zip(token_routed_layers(model), (1.1, 0.85)):  # 1.1 is not exact in fp16
-        layer.eval_capacity_factor = factors[name] = factor
+    per_layer = ((1.1, 2.85, 0.0, 0.05) * 2, (0.85,) * 8)  # 1.1 is not exact in fp16
+    for (name, layer), layer_factors in zip(token_routed_layers(model), per_layer):
+        layer.eval_capacity_factors = factors[name] = layer_factors
     torch.save({"model": deepcopy(model).half()}, tmp_path / "calibrated.pt")  # fp16, as Ultralytics saves
     loaded, _ = load_checkpoint(tmp_path / "calibrated.pt")
-    assert {name: layer.eval_capacity_factor for name, layer in token_routed_layers(loaded)} == factors
+    assert {name: layer.eval_capacity_factors for name, layer in token_routed_layers(loaded)} == factors
     fresh = build_model("visionmoe-vit-t.yaml", nc=2, verbose=False)
     fresh.load_state_dict(model.state_dict())
-    assert {name: layer.eval_capacity_factor for name, layer in token_routed_layers(fresh)} == factors
+    assert {name: layer.eval_capacity_factors for name, layer in token_routed_layers(fresh)} == factors
     old = deepcopy(token_routed_layers(model)[0][1])
     del old._buffers["eval_capacity_milli"]  # a layer pickled before calibration existed gets the configured factor
-    assert pickle.loads(pickle.dumps(old)).eval_capacity_factor == 2.0
+    assert pickle.loads(pickle.dumps(old)).eval_capacity_factors == (2.0,) * 8
+    old._buffers["eval_capacity_milli"] = torch.tensor(1250)  # one calibrated factor for the layer (before stop 17)
+    assert pickle.loads(pickle.dumps(old)).eval_capacity_factors == (1.25,) * 8
 
 
 def test_training_from_a_calibrated_checkpoint_starts_at_the_configured_eval_capacity(tmp_path, coco8):
     model = build_model("visionmoe-vit-t.yaml", nc=80, verbose=False)
     for _, layer in token_routed_layers(model):
-        layer.eval_capacity_factor = 1.1
+        layer.eval_capacity_factors = [1.1, 0.0] * 4
     torch.save({"model": model}, tmp_path / "calibrated.pt")
     args = {"model": str(tmp_path / "calibrated.pt"), "data": "coco8.yaml", "imgsz": 64, "project": str(tmp_path)}
     trainer = MoEDetectionTrainer(overrides=args)
     trainer.setup_model()
-    assert [layer.eval_capacity_factor for _, layer in token_routed_layers(trainer.model)] == [2.0, 2.0]
+    assert [layer.eval_capacity_factors for _, layer in token_routed_layers(trainer.model)] == [(2.0,) * 8] * 2
 
 
 def test_export_after_calibration_has_smaller_expert_buffers_and_matches_eager(tmp_path, monkeypatch):
@@ -254,14 +309,18 @@ def test_export_after_calibration_has_smaller_expert_buffers_and_matches_eager(t
     model = VisionMoE("visionmoe-vit-t.yaml", experts=4)
     net = model.model
     # random routers crowd an image's tokens onto a few experts; a loose target shrinks the buffers all the same
-    calibration = calibrate_capacity(net, [torch.rand(4, 3, 128, 128)], target_drop=0.6)
+    calibration = calibrate_capacity(net, [torch.rand(4, 3, 128, 128)], target_drop=0.1)
     tokens, dim = (128 // 16) ** 2, net.model[0].norm.normalized_shape[0]
-    shapes = {(1, 4, expert_capacity(tokens, 4, 1, f.factor), dim) for f in calibration.layers.values()}
-    assert (1, 4, expert_capacity(tokens, 4, 1, 2.0), dim) not in shapes  # every buffer shrank
+    configured = (1, 4 * expert_capacity(tokens, 4, 1, 2.0), dim)
+    # each layer's buffers [1, S, dim], S = its experts' slots; unequal factors slice one expert's rows at a time
+    buffers = {(1, sum(expert_capacities(tokens, 1, f.factors)), dim) for f in calibration.layers.values()}
+    per_expert = {(1, c, dim) for f in calibration.layers.values() for c in expert_capacities(tokens, 1, f.factors)}
+    assert configured not in buffers and max(s for _, s, _ in buffers) < configured[1]  # every layer's slots shrank
+    assert any(len(set(f.factors)) > 1 for f in calibration.layers.values())  # and differ between experts
     path = model.export(format="onnx", imgsz=128)
     graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
     exported = {tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in graph.value_info}
-    assert shapes <= exported and (1, 4, expert_capacity(tokens, 4, 1, 2.0), dim) not in exported
+    assert buffers <= exported and per_expert - {(1, 0, dim)} <= exported and configured not in exported
     session = ort.InferenceSession(path)
     for img in torch.rand(2, 1, 3, 128, 128):
         (y,) = session.run(None, {session.get_inputs()[0].name: img.numpy()})
@@ -432,9 +491,9 @@ def test_cli_train_then_predict_reload_and_val(coco8, tmp_root):
     assert isinstance(ckpt["model"], MoEViTDetectionModel)
 
     model = VisionMoE(weights)
-    trained = {name: layer.eval_capacity_factor for name, layer in token_routed_layers(model.model)}
+    trained = {name: layer.eval_capacity_factors for name, layer in token_routed_layers(model.model)}
     calibration = model.calibrate(data="coco8.yaml", imgsz=64, batch=4, workers=0)  # what training did, again
-    assert calibration.images == 4 and {name: fit.factor for name, fit in calibration.layers.items()} == trained
+    assert calibration.images == 4 and {name: fit.factors for name, fit in calibration.layers.items()} == trained
     results = model.predict(ASSETS / "bus.jpg", imgsz=64, conf=0.0, verbose=False)
     assert isinstance(results[0], Results) and results[0].boxes.data.shape[1] == 6
     _, total, active, gflops = model.info(imgsz=64)

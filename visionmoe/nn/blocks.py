@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from copy import deepcopy
 from typing import Literal, get_args
 
@@ -15,13 +16,14 @@ from .dispatch import (
     combine_tokens,
     dense_mixture,
     dispatch_tokens,
+    run_experts,
     sparse_mixture,
     static_mixture,
     token_dense_mixture,
 )
 from .experts import BottleneckStack, MlpExperts, reinitialize
 from .router import Router
-from .routing import Routing, expert_capacity, token_slots
+from .routing import Routing, expert_capacities, token_slots
 from .settings import MoESettings
 from .static import BranchExperts, GatheredExperts, StaticExportError
 
@@ -182,12 +184,13 @@ class MoEC3k2(MoEBlock):
 class MoEMlp(MoEBlock):
     """Token-routed MoE MLP (V-MoE): each token runs its top-k of E expert MLPs, within a per-image capacity.
 
-    x [B, T, D] tokens, or a map [B, D, H, W] whose H*W positions are the tokens -> the same shape. Each expert takes
-    at most C = ceil(k*T*cf/E) tokens per image (cf = capacity_factor[0] in training, `eval_capacity_factor` in eval:
-    capacity_factor[1] until `nn.capacity.calibrate_capacity` fits it to measured routing); assignments past that
-    are dropped and add 0, so the residual around the block carries the token on. Routing stays within an image, so
-    no output depends on the rest of the batch. `kept` is the last forward's [B, T, k] mask of assignments that got
-    a slot.
+    x [B, T, D] tokens, or a map [B, D, H, W] whose H*W positions are the tokens -> the same shape. In training each
+    expert takes at most C = ceil(k*T*cf/E) tokens per image, cf = capacity_factor[0]; in eval expert e takes at
+    most C_e = ceil(k*T*cf_e/E), with `eval_capacity_factors` cf_e: capacity_factor[1] for every expert until
+    `nn.capacity.calibrate_capacity` fits one per expert to measured routing. Assignments past their expert's
+    capacity are dropped and add 0, so the residual around the block carries the token on. Routing stays within an
+    image, so no output depends on the rest of the batch. `kept` is the last forward's [B, T, k] mask of assignments
+    that got a slot.
     """
 
     def __init__(self, dim: int, hidden: int, settings: MoESettings, act: type[nn.Module] = nn.GELU):
@@ -202,10 +205,11 @@ class MoEMlp(MoEBlock):
         self.bpr = settings.bpr
         self.kept: torch.Tensor | None = None
 
-    def _init_eval_capacity(self) -> None:
-        # The eval factor in thousandths, as an integer buffer: checkpointed with the weights, and exact through fp16
+    def _init_eval_capacity(self, factor: float | None = None) -> None:
+        # The eval factors in thousandths, as an integer buffer: checkpointed with the weights, and exact through fp16
         # checkpoints and the EMA, which both change float state only.
-        self.register_buffer("eval_capacity_milli", torch.tensor(_milli(self.capacity_factor[1])))
+        factor = self.capacity_factor[1] if factor is None else factor
+        self.register_buffer("eval_capacity_milli", torch.full((self.experts.num_experts,), _milli(factor)))
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "kept": None}  # scratch state, like `routing`
@@ -214,17 +218,25 @@ class MoEMlp(MoEBlock):
         super().__setstate__(state)
         if "eval_capacity_milli" not in self._buffers:  # pickled by a visionmoe without eval capacity calibration
             self._init_eval_capacity()
+        elif self.eval_capacity_milli.dim() == 0:  # pickled by a visionmoe with one calibrated factor per layer
+            self._init_eval_capacity(int(self.eval_capacity_milli) / 1000)
 
     @property
-    def eval_capacity_factor(self) -> float:
-        """Capacity factor in eval (to 1/1000): capacity_factor[1], or what calibration fitted."""
-        return int(self.eval_capacity_milli) / 1000  # a Python number: the export traces a constant capacity
+    def eval_capacity_factors(self) -> tuple[float, ...]:
+        """Capacity factor of each expert in eval (to 1/1000): capacity_factor[1], or what calibration fitted."""
+        return tuple(m / 1000 for m in self.eval_capacity_milli.tolist())  # Python numbers: constant capacities
 
-    @eval_capacity_factor.setter
-    def eval_capacity_factor(self, factor: float) -> None:
-        if not 0.001 <= factor <= self.capacity_factor[1]:
-            raise ValueError(f"eval capacity factor {factor!r} outside [0.001, {self.capacity_factor[1]}] (configured)")
-        self.eval_capacity_milli.fill_(_milli(factor))
+    @eval_capacity_factors.setter
+    def eval_capacity_factors(self, factors: float | Sequence[float]) -> None:
+        """One factor for every expert, or one per expert; they may average at most the configured eval factor."""
+        e, configured = self.experts.num_experts, self.capacity_factor[1]
+        milli = [_milli(f) for f in ([factors] * e if isinstance(factors, (int, float)) else factors)]
+        if len(milli) != e or min(milli) < 0 or not 0 < sum(milli) <= e * _milli(configured):
+            raise ValueError(
+                f"eval capacity factors {factors!r}: give one factor or {e}, each >= 0, averaging more than 0 and at "
+                f"most the configured capacity_factor[1]={configured:g}"
+            )
+        self.eval_capacity_milli.copy_(torch.tensor(milli))
 
     @property
     def dropped(self) -> float | None:
@@ -244,15 +256,16 @@ class MoEMlp(MoEBlock):
             b, d, h, w = x.shape
             x = x.flatten(2).transpose(1, 2)
         self.routing = routing = self.router(x)
-        num_experts, tokens = self.experts.num_experts, x.shape[1]
-        cf = self.capacity_factor[0] if self.training else self.eval_capacity_factor
-        capacity = expert_capacity(tokens, num_experts, self.router.top_k, cf)
-        slots, self.kept = token_slots(routing.indices, routing.gates, num_experts, capacity, self.bpr)
+        num_experts = self.experts.num_experts
+        factors = (self.capacity_factor[0],) * num_experts if self.training else self.eval_capacity_factors
+        capacities = expert_capacities(x.shape[1], self.router.top_k, factors)
+        slots, self.kept = token_slots(routing.indices, routing.gates, num_experts, capacities, self.bpr)
         if self.dispatch == "dense":
             y = token_dense_mixture(x, self.experts, routing.indices, routing.gates * self.kept)
         else:  # 'sparse' and the static forms alike
-            buffers = dispatch_tokens(x, routing.indices, slots, self.kept, num_experts, capacity)
-            y = combine_tokens(self.experts(buffers), routing.indices, slots, self.kept, routing.gates)
+            buffers = dispatch_tokens(x, routing.indices, slots, self.kept, capacities)
+            y = run_experts(self.experts, buffers, capacities)
+            y = combine_tokens(y, routing.indices, slots, self.kept, routing.gates, capacities)
         if self.shared is not None:
             y = y + self.shared(x.unsqueeze(1)).squeeze(1)
         return y.transpose(1, 2).reshape(b, d, h, w) if spatial else y

@@ -2,9 +2,11 @@
 
 The configured eval capacity factor (2.0 by default) gives every expert buffer room for twice its fair share of an
 image's tokens, and a static export computes those buffers in full, whether tokens fill them or not. Calibration
-records, per image, how many top-k assignments each expert of each `MoEMlp` receives, and sets each layer's eval
-factor to the smallest multiple of `CAPACITY_STEP` that drops at most `target_drop` of them (never above the
-configured factor). An export traces the calibrated factor as a constant capacity, so its buffers shrink with it.
+records, per image, how many top-k assignments each expert of each `MoEMlp` receives, and gives each expert of each
+layer its own eval factor, a multiple of `CAPACITY_STEP`, so that the layer's buffers hold the fewest slots in all
+that drop at most `target_drop` of its assignments (never more slots than the configured factor gives;
+`routing.fit_capacity_factors`). An export traces the calibrated factors as constant capacities, so its buffers
+shrink with them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .blocks import MoEMlp
-from .routing import TARGET_DROP, capacity_drop_rate, fit_capacity_factor, token_loads
+from .routing import TARGET_DROP, capacity_drop_rate, fit_capacity_factors, token_loads
 
 
 @dataclass
@@ -24,16 +26,22 @@ class CapacityFit:
     """Eval capacity of one token-routed layer, fitted on the calibration images.
 
     Attributes:
-        factor: Calibrated eval capacity factor.
-        drop_rate: Share of the layer's top-k assignments dropped at `factor`.
-        configured: The configured eval factor (capacity_factor[1]), the ceiling of `factor`.
+        factors: Calibrated eval capacity factor of each expert.
+        drop_rate: Share of the layer's top-k assignments dropped at `factors`.
+        configured: The configured eval factor (capacity_factor[1]), the ceiling of `mean_factor`.
         configured_drop_rate: Share dropped at `configured`.
     """
 
-    factor: float
+    factors: tuple[float, ...]
     drop_rate: float
     configured: float
     configured_drop_rate: float
+
+    @property
+    def mean_factor(self) -> float:
+        """The layer's buffer slots as a multiple of its top-k assignments per image (k*T): what its experts cost,
+        relative to a dense MLP at k=1, as one factor for every expert would."""
+        return sum(self.factors) / len(self.factors)
 
 
 @dataclass
@@ -57,7 +65,8 @@ class Calibration:
 
     def __str__(self) -> str:
         fits = ", ".join(
-            f"{name} {f.configured:g} -> {f.factor:g} (drops {f.configured_drop_rate:.2%} -> {f.drop_rate:.2%})"
+            f"{name} {f.configured:g} -> {f.mean_factor:.3g} on average (drops {f.configured_drop_rate:.2%} -> "
+            f"{f.drop_rate:.2%})"
             for name, f in self.layers.items()
         )
         passes = f"{self.passes} pass{'es' * (self.passes != 1)}"
@@ -77,7 +86,7 @@ def token_routed_layers(model: nn.Module) -> list[tuple[str, MoEMlp]]:
 def reset_capacity(model: nn.Module) -> None:
     """Put every token-routed layer of `model` back at its configured eval capacity factor."""
     for _, layer in token_routed_layers(model):
-        layer.eval_capacity_factor = layer.capacity_factor[1]
+        layer.eval_capacity_factors = layer.capacity_factor[1]
 
 
 @torch.no_grad()
@@ -100,8 +109,9 @@ def record_loads(
 def calibrate_capacity(
     model: nn.Module, images: Iterable[torch.Tensor], target_drop: float = TARGET_DROP
 ) -> Calibration:
-    """Set every token-routed layer's eval capacity factor to the smallest that drops <= `target_drop` of its
-    assignments on `images`, and return the fits.
+    """Give every expert of every token-routed layer the eval capacity factor that `routing.fit_capacity_factors`
+    fits to its loads on `images` (the fewest slots per layer that drop <= `target_drop` of its assignments), and
+    return the fits.
 
     What a layer drops changes the input, and so the routing, of the layers after it. Calibration therefore runs in
     passes: the first with every layer at its configured eval factor, each next one with the factors fitted in the
@@ -125,23 +135,23 @@ def calibrate_capacity(
         for passes in range(1, len(layers) + 1):
             loads, n = record_loads(model, layers, images)
             if passes == 1:
-                configured = {name: capacity_drop_rate(loads[name], m.router.top_k, m.eval_capacity_factor)
+                configured = {name: capacity_drop_rate(loads[name], m.router.top_k, m.capacity_factor[1])
                               for name, m in layers}  # fmt: skip
             fitted = {
-                name: fit_capacity_factor(loads[name], m.router.top_k, m.capacity_factor[1], target_drop)
+                name: fit_capacity_factors(loads[name], m.router.top_k, m.capacity_factor[1], target_drop)
                 for name, m in layers
             }
-            previous = [m.eval_capacity_factor for _, m in layers]
+            previous = [m.eval_capacity_factors for _, m in layers]
             for name, m in layers:
-                m.eval_capacity_factor = fitted[name]
-            if [m.eval_capacity_factor for _, m in layers] == previous:
+                m.eval_capacity_factors = fitted[name]
+            if [m.eval_capacity_factors for _, m in layers] == previous:
                 break
     finally:
         model.train(training)
     fits = {
         name: CapacityFit(
-            factor=m.eval_capacity_factor,
-            drop_rate=capacity_drop_rate(loads[name], m.router.top_k, m.eval_capacity_factor),
+            factors=m.eval_capacity_factors,
+            drop_rate=capacity_drop_rate(loads[name], m.router.top_k, m.eval_capacity_factors),
             configured=m.capacity_factor[1],
             configured_drop_rate=configured[name],
         )

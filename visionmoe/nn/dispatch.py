@@ -9,12 +9,14 @@ every expert on every item and weights by the gates (tests compare the two; expo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .batched import BatchedRun
+from .experts import MlpExperts
 
 
 def _expand_gates(gates: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -131,57 +133,84 @@ def static_mixture(
     return (y * _expand_gates(gates.t(), y)).sum(0)
 
 
-# Token routing. Experts are one module over stacked weights mapping [B, E, N, D] -> [B, E, N, D'], expert e on
-# slice [:, e], and broadcasting [B, 1, N, D] to all experts (e.g. `MlpExperts`). Dispatch and combine below are
-# branch-free with static shapes, so the same code runs eagerly and exports. They use `expand_as`, never `expand`
-# with explicit sizes, which the legacy ONNX exporter leaves as shapes unknown until runtime. The per-token reference
-# runs every expert on every token.
+# Token routing. Each image's expert buffers are one [B, S, D] tensor, expert e's C_e slots in rows
+# offset_e..offset_e + C_e (S = sum C_e); capacities are Python ints, so the offsets are constants in an export.
+# Experts are one module over stacked weights (e.g. `MlpExperts`); `run_experts` runs each expert on its rows. Dispatch
+# and combine are branch-free with static shapes, so the same code runs eagerly and exports. They use `expand_as`,
+# never `expand` with explicit sizes, which the legacy ONNX exporter leaves as shapes unknown until runtime. The
+# per-token reference runs every expert on every token.
+
+
+def _buffer_rows(indices: torch.Tensor, slots: torch.Tensor, capacities: Sequence[int]) -> torch.Tensor:
+    """[B, T, k] row of each assignment in the [B, S, D] buffers: its expert's offset plus its slot."""
+    offsets = torch.tensor(list(accumulate(capacities, initial=0))[:-1], device=indices.device)
+    return offsets[indices] + slots
 
 
 def dispatch_tokens(
-    x: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor, num_experts: int, capacity: int
+    x: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor, capacities: Sequence[int]
 ) -> torch.Tensor:
-    """Scatter each image's tokens into fixed-capacity expert buffers.
+    """Scatter each image's tokens into its experts' fixed-capacity buffers.
 
     Args:
         x: [B, T, D] tokens.
         indices: [B, T, k] chosen experts.
         slots, kept: [B, T, k] buffer positions and whether they fit (see `routing.token_slots`).
-        num_experts: E.
-        capacity: C.
+        capacities: [E] slots per expert, C_e.
 
     Returns:
-        [B, E, C, D]; unfilled slots are zero. Dropped assignments all go to one spare row that is cut off, so
-        the scatter is plain (no reduction) and no kept token is ever overwritten.
+        [B, S, D], S = sum C_e; unfilled slots are zero. Dropped assignments all go to one spare row that is cut off,
+        so the scatter is plain (no reduction) and no kept token is ever overwritten.
     """
     b, t, d = x.shape
     k = indices.shape[-1]
-    spare = num_experts * capacity
+    spare = sum(capacities)
     src = x[:, torch.arange(t * k, device=x.device) // k]  # [B, T*k, D]: each token once per choice, token-major
-    rows = torch.where(kept, indices * capacity + slots, spare).reshape(b, t * k, 1).expand_as(src)
-    buffer = x.new_zeros(b, spare + 1, d).scatter(1, rows, src)
-    return buffer[:, :spare].view(b, num_experts, capacity, d)
+    rows = torch.where(kept, _buffer_rows(indices, slots, capacities), spare).reshape(b, t * k, 1).expand_as(src)
+    return x.new_zeros(b, spare + 1, d).scatter(1, rows, src)[:, :spare]
+
+
+def run_experts(experts: MlpExperts, buffers: torch.Tensor, capacities: Sequence[int]) -> torch.Tensor:
+    """Run each expert on its rows of the buffers: [B, S, D] -> [B, S, D'].
+
+    Equal capacities run all experts at once, as batched matmuls over their stacked weights; unequal ones (calibrated
+    per expert, see `nn.capacity`) run one expert after another on its own rows, skipping those with no slots.
+    """
+    if len(set(capacities)) == 1:
+        return experts(buffers.unflatten(1, (len(capacities), capacities[0]))).flatten(1, 2)
+    pieces, start = [], 0
+    for e, c in enumerate(capacities):
+        if c:
+            pieces.append(experts(buffers[:, start : start + c], expert=e))
+            start += c
+    return torch.cat(pieces, 1)
 
 
 def combine_tokens(
-    y: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor, gates: torch.Tensor
+    y: torch.Tensor,
+    indices: torch.Tensor,
+    slots: torch.Tensor,
+    kept: torch.Tensor,
+    gates: torch.Tensor,
+    capacities: Sequence[int],
 ) -> torch.Tensor:
     """Gather each token's expert outputs back from the buffers and weight them by their gates.
 
     Args:
-        y: [B, E, C, D'] expert outputs per buffer slot.
+        y: [B, S, D'] expert outputs per buffer row (see `dispatch_tokens`).
         indices, slots, kept: [B, T, k] as for `dispatch_tokens`.
         gates: [B, T, k] gates of the chosen experts.
+        capacities: [E] slots per expert, as for `dispatch_tokens`.
 
     Returns:
-        [B, T, D'] = sum over kept choices j of gates[t, j] * y[indices[t, j], slots[t, j]]; 0 for a token whose
-        every choice was dropped (the block's residual passes it on).
+        [B, T, D'] = sum over kept choices j of gates[t, j] * y[row of (indices[t, j], slots[t, j])]; 0 for a token
+        whose every choice was dropped (the block's residual passes it on).
     """
-    b, e, c, d = y.shape
+    b, s, d = y.shape
     t, k = indices.shape[1:]
-    rows = torch.where(kept, indices * c + slots, 0).reshape(b, t * k)  # dropped ones read row 0, weighted 0
-    rows = rows + torch.arange(b, device=y.device).unsqueeze(1) * (e * c)  # rows of the batch-flattened buffers
-    picked = y.reshape(b * e * c, d)[rows].view(b, t, k, d)
+    rows = torch.where(kept, _buffer_rows(indices, slots, capacities), 0).reshape(b, t * k)  # dropped: row 0, weight 0
+    rows = rows + torch.arange(b, device=y.device).unsqueeze(1) * s  # rows of the batch-flattened buffers
+    picked = y.reshape(b * s, d)[rows].view(b, t, k, d)
     return (picked * (gates * kept).to(y.dtype).unsqueeze(-1)).sum(2)
 
 

@@ -38,7 +38,8 @@ class MlpExperts(nn.Module):
     """E two-layer MLP experts (fc1-act-fc2) with stacked weights, run on all experts' token buffers at once.
 
     x [B, E, N, D] -> [B, E, N, D], expert e on x[:, e] (x [B, 1, N, D] runs every expert on the same tokens), as two
-    batched matmuls over [E, D, H] and [E, H, D] weights. Initialised like E independent nn.Linear pairs.
+    batched matmuls over [E, D, H] and [E, H, D] weights; with `expert=e`, x [B, N, D] -> [B, N, D] through expert e
+    alone. Initialised like E independent nn.Linear pairs.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, act: type[nn.Module] = nn.GELU):
@@ -60,6 +61,9 @@ class MlpExperts(nn.Module):
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        if expert is not None:
+            h = self.act(x @ self.w1[expert] + self.b1[expert])
+            return h @ self.w2[expert] + self.b2[expert]
         h = self.act(x @ self.w1 + self.b1.unsqueeze(1))
         return h @ self.w2 + self.b2.unsqueeze(1)

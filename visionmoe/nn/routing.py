@@ -7,6 +7,7 @@ Leading dimensions may be any shape ([B, E] or [B, T, E]); the losses pool over 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,12 @@ def expert_capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: 
     return min(tokens, math.ceil(top_k * tokens * capacity_factor / num_experts))
 
 
+def expert_capacities(tokens: int, top_k: int, factors: Sequence[float]) -> list[int]:
+    """Slots of each expert for one image's tokens, one capacity factor per expert: `C_e = ceil(k * T * cf_e / E)`,
+    at most T, with E = len(factors). Equal factors give every expert `expert_capacity`."""
+    return [expert_capacity(tokens, len(factors), top_k, f) for f in factors]
+
+
 def priority_order(gates: torch.Tensor) -> torch.Tensor:
     """[B, T] int64 tokens of each image by descending gate, equal gates in raster order (a stable sort).
 
@@ -145,38 +152,42 @@ def priority_order(gates: torch.Tensor) -> torch.Tensor:
 
 
 def token_slots(
-    indices: torch.Tensor, gates: torch.Tensor, num_experts: int, capacity: int, bpr: bool = False
+    indices: torch.Tensor, gates: torch.Tensor, num_experts: int, capacity: int | Sequence[int], bpr: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Place each image's (token, choice) assignments into their experts' fixed-capacity buffers.
 
     Within an image, all first choices queue before any second choice (so a token's top expert outranks another
     token's runner-up); within one choice rank tokens queue in raster order, or by descending top gate with `bpr`
     (Batch Prioritized Routing, ties in raster order). An assignment whose position in its expert's queue is
-    >= capacity is dropped. Branch-free with static shapes: BPR orders the tokens with one sort (`priority_order`),
-    then one compare and one cumsum give the slots. Expands go through `expand_as`, whose target shape folds to a
+    >= that expert's capacity is dropped. Branch-free with static shapes: BPR orders the tokens with one sort
+    (`priority_order`), then one compare and one cumsum give the slots. Expands go through `expand_as`, whose target shape folds to a
     constant in the exported graph.
 
     Args:
         indices: [B, T, k] chosen experts per token.
         gates: [B, T, k] their gates, highest first (only read with `bpr`).
         num_experts: E.
-        capacity: Slots per expert and image, C (see `expert_capacity`).
+        capacity: Slots per expert and image: C for every expert (see `expert_capacity`), or [E] values C_e
+            (see `expert_capacities`).
         bpr: Order tokens by their top gate instead of by position.
 
     Returns:
         slots: [B, T, k] int64 position of each assignment in its expert's buffer (valid where kept).
-        kept: [B, T, k] bool, slots < capacity.
+        kept: [B, T, k] bool, slots < the chosen expert's capacity.
     """
     b, t, k = indices.shape
+    queue = indices
     if bpr:
         order = priority_order(gates[..., 0]).unsqueeze(-1).expand_as(indices)  # token at each place in the queue
-        indices = indices.gather(1, order)
-    queue = indices.transpose(1, 2).reshape(b, k * t)  # choice-major: every first choice, then every second...
+        queue = indices.gather(1, order)
+    queue = queue.transpose(1, 2).reshape(b, k * t)  # choice-major: every first choice, then every second...
     onehot = (queue.unsqueeze(-1) == torch.arange(num_experts, device=indices.device)).long()  # [B, k*T, E]
     slots = (onehot.cumsum(1) * onehot).sum(-1) - 1  # rank of each assignment among its expert's assignments
     slots = slots.view(b, k, t).transpose(1, 2)  # [B, T, k] in queue order
     if bpr:  # back to raster order; `order` is a permutation, so the scatter writes each place once
         slots = torch.empty_like(slots).scatter(1, order, slots)
+    if not isinstance(capacity, int):  # per expert: each assignment's limit is its expert's capacity
+        capacity = torch.tensor(capacity, device=indices.device)[indices]
     return slots, slots < capacity
 
 
@@ -188,32 +199,58 @@ def token_loads(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return loads.scatter_add_(1, flat, torch.ones_like(flat))
 
 
-def capacity_drop_rate(loads: torch.Tensor, top_k: int, capacity_factor: float) -> float:
-    """Share of all top-k assignments that a capacity factor drops, from per-image loads [N, E] (`token_loads`).
-
-    An expert keeps min(load, C) of an image's assignments whatever order they queue in, so the count is exact;
-    each image's T is its row sum / k, so images of different sizes can be mixed.
-    """
+def _capacity_table(loads: torch.Tensor, top_k: int, factors: Sequence[float]) -> torch.Tensor:
+    """[N, F] slots each of `factors` gives each image of `loads` ([N, E] per-image loads, see `token_loads`); each
+    image's T is its row sum / k, so images of different sizes can be mixed."""
+    num_experts = loads.shape[-1]
     sizes, size_of_image = (loads.sum(-1) // top_k).unique(return_inverse=True)
-    capacity = [expert_capacity(t, loads.shape[-1], top_k, capacity_factor) for t in sizes.tolist()]
-    dropped = (loads - torch.tensor(capacity, device=loads.device)[size_of_image, None]).clamp(min=0).sum()
-    return dropped.item() / max(loads.sum().item(), 1)
+    table = [[expert_capacity(t, num_experts, top_k, f) for f in factors] for t in sizes.tolist()]
+    return torch.tensor(table, device=loads.device).view(len(sizes), len(factors))[size_of_image]
 
 
-def fit_capacity_factor(
+def capacity_drop_rate(loads: torch.Tensor, top_k: int, capacity_factor: float | Sequence[float]) -> float:
+    """Share of all top-k assignments that capacity factors drop, from per-image loads [N, E] (`token_loads`).
+
+    `capacity_factor` is one factor for every expert or [E] factors, one per expert. An expert keeps
+    min(load, C_e) of an image's assignments whatever order they queue in, so the count is exact.
+    """
+    factors = [capacity_factor] * loads.shape[-1] if isinstance(capacity_factor, (int, float)) else capacity_factor
+    if len(factors) != loads.shape[-1]:
+        raise ValueError(f"{len(factors)} capacity factors for {loads.shape[-1]} experts, give one per expert")
+    capacity = _capacity_table(loads, top_k, list(factors))  # [N, E]
+    return (loads - capacity).clamp(min=0).sum().item() / max(loads.sum().item(), 1)
+
+
+def fit_capacity_factors(
     loads: torch.Tensor, top_k: int, max_factor: float, target_drop: float = TARGET_DROP, step: float = CAPACITY_STEP
-) -> float:
-    """Smallest capacity factor, a multiple of `step`, that drops at most `target_drop` of the assignments in `loads`
-    ([N, E] per-image loads, see `token_loads`); `max_factor` (the configured eval factor) if no smaller one does.
+) -> list[float]:
+    """Per-expert capacity factors, multiples of `step`, with the fewest slots in total that drop at most
+    `target_drop` of the assignments in `loads` ([N, E] per-image loads, see `token_loads`).
 
-    Capacity only grows with the factor, so the first multiple of `step` that meets the target is the smallest.
+    Trained routers do not share an image's tokens evenly, and random ones far less: one expert takes half of them,
+    another a tenth, the same ones in most images. One factor for every expert must cover the busiest one and leaves
+    the others' buffers mostly empty; a factor per expert sizes each buffer to its own loads. The fit starts with
+    every expert at the smallest factor that drops nothing, then takes one step off, again and again, the expert
+    whose step adds the fewest drops, while the drops stay within the target. The slots never total more than
+    `max_factor` (the configured eval factor) gives every expert: if the target needs more, steps come off past it,
+    still the cheapest first, until they fit. An expert that no image chose gets 0 slots.
     """
     if not 0 <= target_drop < 1:
         raise ValueError(f"target_drop={target_drop!r}, use a share of assignments 0 <= target_drop < 1")
     if loads.numel() == 0 or loads.sum() == 0:
         raise ValueError("capacity calibration needs the loads of at least one routed image")
-    for i in range(1, math.ceil(max_factor / step - 1e-9)):  # multiples of step below max_factor
-        factor = round(i * step, 6)  # 23 * 0.05 is 1.1500000000000001
-        if capacity_drop_rate(loads, top_k, factor) <= target_drop:
-            return factor
-    return max_factor
+    num_experts = loads.shape[-1]
+    grid = [round(i * step, 6) for i in range(math.ceil(num_experts / top_k / step) + 1)]  # up to C = T
+    capacity = _capacity_table(loads, top_k, grid)  # [N, G]
+    drops = (loads.unsqueeze(-1) - capacity.unsqueeze(1)).clamp(min=0).sum(0).tolist()  # [E][G], non-increasing
+    level = [row.index(0) if 0 in row else len(grid) - 1 for row in drops]  # each expert's grid position
+    budget = target_drop * loads.sum().item()
+    ceiling = math.floor(num_experts * max_factor / step + 1e-6)  # the configured total, in steps
+    dropped = sum(row[g] for row, g in zip(drops, level))
+    while any(level):
+        cost, e = min((drops[e][g - 1] - drops[e][g], e) for e, g in enumerate(level) if g)
+        if dropped + cost > budget and sum(level) <= ceiling:
+            break
+        level[e] -= 1
+        dropped += cost
+    return [grid[g] for g in level]

@@ -57,8 +57,8 @@ def calibrate_split(
     if calibration.over_target():
         LOGGER.warning(
             f"{', '.join(calibration.over_target())} drop over {calibration.target_drop:.2%} of their assignments even "
-            f"at the configured eval capacity factor: routing crowds each image's tokens onto a few experts (see "
-            f"`visionmoe analyze`); a larger capacity_factor[1] keeps more of them"
+            f"with the slots of the configured eval capacity factor: routing crowds each image's tokens onto a few "
+            f"experts (see `visionmoe analyze`); a larger capacity_factor[1] keeps more of them"
         )
     return calibration
 
@@ -79,7 +79,7 @@ def calibrate_checkpoint(
     args.split = "val"
     calibration = calibrate_split(fitted, args, data, device, target_drop)
     for (_, layer), (_, fit) in zip(token_routed_layers(model), token_routed_layers(fitted)):
-        layer.eval_capacity_factor = fit.eval_capacity_factor
+        layer.eval_capacity_factors = fit.eval_capacity_factors
     with replaced_atomically(path) as partial:
         torch.save(ckpt, partial)
     return calibration

@@ -137,13 +137,14 @@ class VisionMoE(Model):
         return analyze(self.model, args, self.callbacks)
 
     def calibrate(self, data: str | None = None, target_drop: float = TARGET_DROP, **kwargs: Any) -> Calibration:
-        """Fit the eval capacity factor of every token-routed layer to the routing measured on a dataset split: the
-        smallest (a multiple of 0.05) that drops at most `target_drop` of the layer's assignments, never above the
-        configured one. An export made afterwards computes the correspondingly smaller expert buffers.
+        """Fit the eval capacity factors of every token-routed layer to the routing measured on a dataset split: one
+        per expert (multiples of 0.05), the fewest slots in all that drop at most `target_drop` of the layer's
+        assignments, never more than the configured factor gives. An export made afterwards computes the
+        correspondingly smaller expert buffers.
 
         Takes Ultralytics' val arguments (imgsz, batch, device, split, workers); `data` defaults to the checkpoint's
         training data. Images are letterboxed square, as a static export at imgsz sees them. The factors belong to
-        the model: `save()` or `export()` it afterwards. Returns each layer's factor and drop rates.
+        the model: `save()` or `export()` it afterwards. Returns each layer's factors and drop rates.
         """
         self._check_is_pytorch_model()
         args = get_cfg(overrides={**self.overrides, **kwargs, "mode": "val"})
