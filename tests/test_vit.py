@@ -145,17 +145,21 @@ def test_tokens_over_capacity_skip_the_expert():
     torch.testing.assert_close(y, per_token_loop(block, x), atol=1e-5, rtol=1e-5)
 
 
-def test_per_expert_capacities_keep_what_fits_and_match_the_per_token_reference():
-    block = force_experts(make_mlp(experts=4, cf=(1.0, 2.0), bpr=True), [3.0, 2.0, 1.0, 0.0]).eval()
-    block.eval_capacity_factors = [1.5, 0.5, 0.0, 2.0]  # 6, 2, 0 and 8 of 16 tokens
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_per_expert_capacities_keep_what_fits_and_match_the_per_token_reference(top_k):
+    block = force_experts(make_mlp(experts=4, top_k=top_k, cf=(1.0, 2.0), bpr=True), [3.0, 2.0, 1.0, 0.0]).eval()
+    block.eval_capacity_factors = [1.5, 0.5, 0.0, 2.0]  # k=1: 6, 2, 0 and 8 of 16 tokens; k=2: 12, 4, 0 and 16
     with torch.no_grad():
         block.router.gate[0].weight.normal_()  # tokens spread over the experts, most to expert 0
         x = torch.randn(3, 16, 8)
         y = block(x)
     loads = token_loads(block.routing.indices, 4)
-    kept = torch.zeros(3, 4, dtype=torch.long).scatter_add_(1, block.routing.indices[..., 0], block.kept[..., 0].long())
-    assert torch.equal(kept, loads.clamp(max=torch.tensor([6, 2, 0, 8])))  # every expert keeps min(load, C_e)
-    expected_drops = capacity_drop_rate(loads, 1, block.eval_capacity_factors)
+    indices, kept = block.routing.indices.flatten(1), block.kept.flatten(1).long()
+    kept = torch.zeros(3, 4, dtype=torch.long).scatter_add_(1, indices, kept)
+    capacities = torch.tensor(expert_capacities(16, top_k, block.eval_capacity_factors))
+    assert capacities.tolist() == [6 * top_k, 2 * top_k, 0, 8 * top_k]
+    assert torch.equal(kept, loads.clamp(max=capacities))  # every expert keeps min(load, C_e)
+    expected_drops = capacity_drop_rate(loads, top_k, block.eval_capacity_factors)
     assert block.dropped > 0 and block.dropped == pytest.approx(expected_drops)
     torch.testing.assert_close(y, per_token_loop(block, x), atol=1e-5, rtol=1e-5)
     block.dispatch = "dense"
