@@ -325,6 +325,11 @@ def test_export_after_calibration_has_smaller_expert_buffers_and_matches_eager(t
     graph = onnx.shape_inference.infer_shapes(onnx.load(path)).graph
     exported = {tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in graph.value_info}
     assert buffers <= exported and per_expert - {(1, 0, dim)} <= exported and configured not in exported
+    weights = {init.name for init in graph.initializer}
+    expert_matmuls = [n for n in graph.node if n.op_type == "MatMul" and "/experts" in n.name]
+    capacities = [expert_capacities(tokens, 1, f.factors) for f in calibration.layers.values()]
+    calls = sum(1 if len(set(c)) == 1 else sum(n > 0 for n in c) for c in capacities)  # per expert if unequal
+    assert len(expert_matmuls) == 2 * calls and all(n.input[1] in weights for n in expert_matmuls)  # constant weights
     session = ort.InferenceSession(path)
     for img in torch.rand(2, 1, 3, 128, 128):
         (y,) = session.run(None, {session.get_inputs()[0].name: img.numpy()})
