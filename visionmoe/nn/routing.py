@@ -160,8 +160,8 @@ def token_slots(
     token's runner-up); within one choice rank tokens queue in raster order, or by descending top gate with `bpr`
     (Batch Prioritized Routing, ties in raster order). An assignment whose position in its expert's queue is
     >= that expert's capacity is dropped. Branch-free with static shapes: BPR orders the tokens with one sort
-    (`priority_order`), then one compare and one cumsum give the slots. Expands go through `expand_as`, whose target shape folds to a
-    constant in the exported graph.
+    (`priority_order`), then one compare and one cumsum give the slots. Expands go through `expand_as`, whose target
+    shape folds to a constant in the exported graph.
 
     Args:
         indices: [B, T, k] chosen experts per token.
@@ -245,7 +245,7 @@ def fit_capacity_factors(
     # drops[e][g]: assignments expert e drops at grid factor g, non-increasing in g; one expert at a time keeps the
     # memory at [N, G] (N*E*G int64 would be 0.6 GB at E=128 over a 240-image split)
     drops = [(loads[:, e, None] - capacity).clamp(min=0).sum(0).tolist() for e in range(num_experts)]
-    level = [row.index(0) if 0 in row else len(grid) - 1 for row in drops]  # each expert's grid position
+    level = [row.index(0) for row in drops]  # each expert's grid position; the last one (C = T) drops nothing
     budget = target_drop * loads.sum().item()
     ceiling = math.floor(num_experts * max_factor / step + 1e-6)  # the configured total, in steps
     dropped = sum(row[g] for row, g in zip(drops, level))
