@@ -21,6 +21,7 @@ from visionmoe import MoEDetectionTrainer, VisionMoE
 from visionmoe.analysis.utilisation import UtilisationTracker
 from visionmoe.nn import MoEMlp, MoESettings, load_model_yaml
 from visionmoe.nn.capacity import calibrate_capacity, token_routed_layers
+from visionmoe.nn.dispatch import buffer_rows, combine_tokens, dispatch_tokens
 from visionmoe.nn.routing import (
     CAPACITY_STEP,
     TARGET_DROP,
@@ -167,6 +168,18 @@ def test_per_expert_capacities_keep_what_fits_and_match_the_per_token_reference(
     for bad in ([1.0] * 3, [3.0, 3.0, 3.0, 3.0], [-0.5, 1.0, 1.0, 1.0], 0.0):
         with pytest.raises(ValueError, match="eval capacity factors"):
             block.eval_capacity_factors = bad
+
+
+def test_buffer_rows_place_each_kept_assignment_once_and_send_drops_past_the_buffers():
+    indices = torch.tensor([[[0], [2], [2], [0], [2]]])  # one image, 5 tokens, top-1, E=3
+    slots, kept = token_slots(indices, torch.ones(1, 5, 1), num_experts=3, capacity=[1, 0, 2])
+    rows = buffer_rows(indices, slots, kept, [1, 0, 2])  # expert 0 owns row 0, expert 2 rows 1-2; S = 3
+    assert rows.flatten().tolist() == [0, 1, 2, 3, 3]  # tokens 3 and 4 found their experts full
+    x = torch.arange(1.0, 6.0).view(1, 5, 1)
+    buffers = dispatch_tokens(x, rows, [1, 0, 2])
+    assert buffers.flatten().tolist() == [1.0, 2.0, 3.0]
+    out = combine_tokens(buffers * 10, rows, torch.ones(1, 5, 1) * kept)
+    assert out.flatten().tolist() == [10.0, 20.0, 30.0, 0.0, 0.0]  # dropped tokens read a row with gate 0
 
 
 def test_drop_rate_from_loads_is_what_the_slots_drop():

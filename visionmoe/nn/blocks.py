@@ -13,6 +13,7 @@ from ultralytics.nn.modules import C2PSA, C3k2
 
 from .dispatch import (
     batched_mixture,
+    buffer_rows,
     combine_tokens,
     dense_mixture,
     dispatch_tokens,
@@ -260,12 +261,13 @@ class MoEMlp(MoEBlock):
         factors = (self.capacity_factor[0],) * num_experts if self.training else self.eval_capacity_factors
         capacities = expert_capacities(x.shape[1], self.router.top_k, factors)
         slots, self.kept = token_slots(routing.indices, routing.gates, num_experts, capacities, self.bpr)
+        gates = routing.gates * self.kept
         if self.dispatch == "dense":
-            y = token_dense_mixture(x, self.experts, routing.indices, routing.gates * self.kept)
+            y = token_dense_mixture(x, self.experts, routing.indices, gates)
         else:  # 'sparse' and the static forms alike
-            buffers = dispatch_tokens(x, routing.indices, slots, self.kept, capacities)
-            y = run_experts(self.experts, buffers, capacities)
-            y = combine_tokens(y, routing.indices, slots, self.kept, routing.gates, capacities)
+            rows = buffer_rows(routing.indices, slots, self.kept, capacities)
+            y = run_experts(self.experts, dispatch_tokens(x, rows, capacities), capacities)
+            y = combine_tokens(y, rows, gates)
         if self.shared is not None:
             y = y + self.shared(x.unsqueeze(1)).squeeze(1)
         return y.transpose(1, 2).reshape(b, d, h, w) if spatial else y

@@ -135,27 +135,37 @@ def static_mixture(
 
 # Token routing. Each image's expert buffers are one [B, S, D] tensor, expert e's C_e slots in rows
 # offset_e..offset_e + C_e (S = sum C_e); capacities are Python ints, so the offsets are constants in an export.
-# Experts are one module over stacked weights (e.g. `MlpExperts`); `run_experts` runs each expert on its rows. Dispatch
-# and combine are branch-free with static shapes, so the same code runs eagerly and exports. They use `expand_as`,
-# never `expand` with explicit sizes, which the legacy ONNX exporter leaves as shapes unknown until runtime. The
-# per-token reference runs every expert on every token.
+# `buffer_rows` places every assignment once; `dispatch_tokens` scatters tokens into those rows, experts (one module
+# over stacked weights, e.g. `MlpExperts`) run on their rows in `run_experts`, and `combine_tokens` gathers the outputs
+# back from the same rows. Dispatch and combine are branch-free with static shapes, so the same code runs eagerly and
+# exports. They use `expand_as`, never `expand` with explicit sizes, which the legacy ONNX exporter leaves as shapes
+# unknown until runtime. The per-token reference runs every expert on every token.
 
 
-def _buffer_rows(indices: torch.Tensor, slots: torch.Tensor, capacities: Sequence[int]) -> torch.Tensor:
-    """[B, T, k] row of each assignment in the [B, S, D] buffers: its expert's offset plus its slot."""
-    offsets = torch.tensor(list(accumulate(capacities, initial=0))[:-1], device=indices.device)
-    return offsets[indices] + slots
-
-
-def dispatch_tokens(
-    x: torch.Tensor, indices: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor, capacities: Sequence[int]
+def buffer_rows(
+    indices: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor, capacities: Sequence[int]
 ) -> torch.Tensor:
+    """Row of each assignment in the [B, S, D] expert buffers, computed once for dispatch and combine.
+
+    Args:
+        indices: [B, T, k] chosen experts.
+        slots, kept: [B, T, k] buffer positions and whether they fit (see `routing.token_slots`).
+        capacities: [E] slots per expert, C_e.
+
+    Returns:
+        [B, T, k]: its expert's offset plus its slot for a kept assignment; S = sum C_e, one past the last row, for a
+        dropped one.
+    """
+    offsets = torch.tensor(list(accumulate(capacities, initial=0))[:-1], device=indices.device)
+    return torch.where(kept, offsets[indices] + slots, sum(capacities))
+
+
+def dispatch_tokens(x: torch.Tensor, rows: torch.Tensor, capacities: Sequence[int]) -> torch.Tensor:
     """Scatter each image's tokens into its experts' fixed-capacity buffers.
 
     Args:
         x: [B, T, D] tokens.
-        indices: [B, T, k] chosen experts.
-        slots, kept: [B, T, k] buffer positions and whether they fit (see `routing.token_slots`).
+        rows: [B, T, k] buffer row of each assignment (`buffer_rows`).
         capacities: [E] slots per expert, C_e.
 
     Returns:
@@ -163,11 +173,10 @@ def dispatch_tokens(
         so the scatter is plain (no reduction) and no kept token is ever overwritten.
     """
     b, t, d = x.shape
-    k = indices.shape[-1]
+    k = rows.shape[-1]
     spare = sum(capacities)
     src = x[:, torch.arange(t * k, device=x.device) // k]  # [B, T*k, D]: each token once per choice, token-major
-    rows = torch.where(kept, _buffer_rows(indices, slots, capacities), spare).reshape(b, t * k, 1).expand_as(src)
-    return x.new_zeros(b, spare + 1, d).scatter(1, rows, src)[:, :spare]
+    return x.new_zeros(b, spare + 1, d).scatter(1, rows.reshape(b, t * k, 1).expand_as(src), src)[:, :spare]
 
 
 def run_experts(experts: MlpExperts, buffers: torch.Tensor, capacities: Sequence[int]) -> torch.Tensor:
@@ -186,32 +195,25 @@ def run_experts(experts: MlpExperts, buffers: torch.Tensor, capacities: Sequence
     return torch.cat(pieces, 1)
 
 
-def combine_tokens(
-    y: torch.Tensor,
-    indices: torch.Tensor,
-    slots: torch.Tensor,
-    kept: torch.Tensor,
-    gates: torch.Tensor,
-    capacities: Sequence[int],
-) -> torch.Tensor:
+def combine_tokens(y: torch.Tensor, rows: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """Gather each token's expert outputs back from the buffers and weight them by their gates.
 
     Args:
         y: [B, S, D'] expert outputs per buffer row (see `dispatch_tokens`).
-        indices, slots, kept: [B, T, k] as for `dispatch_tokens`.
-        gates: [B, T, k] gates of the chosen experts.
-        capacities: [E] slots per expert, as for `dispatch_tokens`.
+        rows: [B, T, k] as for `dispatch_tokens`; dropped assignments (row S) must have gate 0.
+        gates: [B, T, k] gates of the chosen experts, 0 for dropped assignments (`gates * kept`).
 
     Returns:
-        [B, T, D'] = sum over kept choices j of gates[t, j] * y[row of (indices[t, j], slots[t, j])]; 0 for a token
-        whose every choice was dropped (the block's residual passes it on).
+        [B, T, D'] = sum over choices j of gates[t, j] * y[rows[t, j]]; 0 for a token whose every choice was dropped
+        (the block's residual passes it on).
     """
     b, s, d = y.shape
-    t, k = indices.shape[1:]
-    rows = torch.where(kept, _buffer_rows(indices, slots, capacities), 0).reshape(b, t * k)  # dropped: row 0, weight 0
+    t, k = rows.shape[1:]
+    # Dropped assignments read the last row, with gate 0. Min, not Clip: TensorRT's Clip takes no integer tensors.
+    rows = torch.minimum(rows, torch.tensor(s - 1, device=rows.device)).reshape(b, t * k)
     rows = rows + torch.arange(b, device=y.device).unsqueeze(1) * s  # rows of the batch-flattened buffers
     picked = y.reshape(b * s, d)[rows].view(b, t, k, d)
-    return (picked * (gates * kept).to(y.dtype).unsqueeze(-1)).sum(2)
+    return (picked * gates.to(y.dtype).unsqueeze(-1)).sum(2)
 
 
 def token_dense_mixture(
