@@ -238,6 +238,23 @@ def test_fit_capacity_factors_uses_the_fewest_slots_within_the_target(target):
     assert _slots(fitted, loads) == fewest < _slots([2.0] * 3, loads)
 
 
+def test_fit_capacity_factors_keeps_every_image_size_within_the_target():
+    """Square images as a static export sees them (T=16), and the same images in the validator's padded batches
+    (T=25), whose border crowds one expert."""
+    torch.manual_seed(0)
+    content = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    square = torch.stack([torch.bincount(torch.multinomial(content, 16, True), minlength=4) for _ in range(40)])
+    padded = square + torch.tensor([0, 0, 0, 9])  # 9 border tokens per image, all to expert 3
+    target = 0.05
+    assert capacity_drop_rate(padded, 1, fit_capacity_factors(square, 1, 2.0, target)) > 2 * target  # the bug fixed
+    fitted = fit_capacity_factors(torch.cat([square, padded]), top_k=1, max_factor=2.0, target_drop=target)
+    assert sum(fitted) < 4 * 2.0  # the configured total does not bind here
+    assert all(capacity_drop_rate(part, 1, fitted) <= target for part in (square, padded))
+    for e in (e for e, f in enumerate(fitted) if f > 0):  # one step less for any expert misses it for one input
+        less = [f - CAPACITY_STEP * (i == e) for i, f in enumerate(fitted)]
+        assert max(capacity_drop_rate(part, 1, less) for part in (square, padded)) > target
+
+
 class MoEStack(nn.Module):
     """Residual token MLPs whose routers score experts by orthonormal projections: balanced on Gaussian tokens."""
 
@@ -500,7 +517,7 @@ def test_cli_train_then_predict_reload_and_val(coco8, tmp_root):
     run = project / "train"
     log = result.stdout + result.stderr
     assert "moe" in log
-    assert "eval capacity calibrated on 4 images" in log  # best.pt on COCO8's val split, before the final val
+    assert "eval capacity calibrated on 8 images" in log  # COCO8 val, square and as validated, before the final val
     rows = list(csv.DictReader(open(run / "results.csv")))
     assert len(rows) == 1 and float(rows[0]["train/moe"]) > 0
     util = list(csv.DictReader(open(run / "expert_utilisation.csv")))
@@ -515,7 +532,7 @@ def test_cli_train_then_predict_reload_and_val(coco8, tmp_root):
     model = VisionMoE(weights)
     trained = {name: layer.eval_capacity_factors for name, layer in token_routed_layers(model.model)}
     calibration = model.calibrate(data="coco8.yaml", imgsz=64, batch=4, workers=0)  # what training did, again
-    assert calibration.images == 4 and {name: fit.factors for name, fit in calibration.layers.items()} == trained
+    assert calibration.images == 8 and {name: fit.factors for name, fit in calibration.layers.items()} == trained
     results = model.predict(ASSETS / "bus.jpg", imgsz=64, conf=0.0, verbose=False)
     assert isinstance(results[0], Results) and results[0].boxes.data.shape[1] == 6
     _, total, active, gflops = model.info(imgsz=64)

@@ -4,9 +4,9 @@ The configured eval capacity factor (2.0 by default) gives every expert buffer r
 image's tokens, and a static export computes those buffers in full, whether tokens fill them or not. Calibration
 records, per image, how many top-k assignments each expert of each `MoEMlp` receives, and gives each expert of each
 layer its own eval factor, a multiple of `CAPACITY_STEP`, so that the layer's buffers hold the fewest slots in all
-that drop at most `target_drop` of its assignments (never more slots than the configured factor gives;
-`routing.fit_capacity_factors`). An export traces the calibrated factors as constant capacities, so its buffers
-shrink with them.
+that drop at most `target_drop` of its assignments among the images of each size (never more slots than the
+configured factor gives; `routing.fit_capacity_factors`). An export traces the calibrated factors as constant
+capacities, so its buffers shrink with them.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def calibrate_capacity(
             back in its mode.
         images: Re-iterable (a list, a DataLoader) batches [B, C, H, W] on the model's device, preprocessed as the
             model expects them.
-        target_drop: Share of each layer's top-k assignments its capacity may drop.
+        target_drop: Share of each layer's top-k assignments its capacity may drop, in the images of each size.
     """
     layers = token_routed_layers(model)
     if not layers:

@@ -225,15 +225,18 @@ def fit_capacity_factors(
     loads: torch.Tensor, top_k: int, max_factor: float, target_drop: float = TARGET_DROP, step: float = CAPACITY_STEP
 ) -> list[float]:
     """Per-expert capacity factors, multiples of `step`, with the fewest slots in total that drop at most
-    `target_drop` of the assignments in `loads` ([N, E] per-image loads, see `token_loads`).
+    `target_drop` of the assignments in `loads` ([N, E] per-image loads, see `token_loads`), among the images of
+    every size (T) alike.
 
     Trained routers do not share an image's tokens evenly, and random ones far less: one expert takes half of them,
     another a tenth, the same ones in most images. One factor for every expert must cover the busiest one and leaves
     the others' buffers mostly empty; a factor per expert sizes each buffer to its own loads. The fit starts with
     every expert at the smallest factor that drops nothing, then takes one step off, again and again, the expert
-    whose step adds the fewest drops, while the drops stay within the target. The slots never total more than
-    `max_factor` (the configured eval factor) gives every expert: if the target needs more, steps come off past it,
-    still the cheapest first, until they fit. An expert that no image chose gets 0 slots.
+    whose step adds the fewest drops while the drops of each image size stay within the target. Images of another
+    size are another input (a static export's square, the validator's padded batches) whose padding routes
+    differently, so each keeps to the target on its own. The slots never total more than `max_factor` (the
+    configured eval factor) gives every expert: if the target needs more, steps come off past it, still the
+    cheapest first, until they fit. An expert that no image chose gets 0 slots.
     """
     if not 0 <= target_drop < 1:
         raise ValueError(f"target_drop={target_drop!r}, use a share of assignments 0 <= target_drop < 1")
@@ -242,17 +245,29 @@ def fit_capacity_factors(
     num_experts = loads.shape[-1]
     grid = [round(i * step, 6) for i in range(math.ceil(num_experts / top_k / step) + 1)]  # up to C = T
     capacity = _capacity_table(loads, top_k, grid)  # [N, G]
-    # drops[e][g]: assignments expert e drops at grid factor g, non-increasing in g; one expert at a time keeps the
-    # memory at [N, G] (N*E*G int64 would be 0.6 GB at E=128 over a 240-image split)
-    drops = [(loads[:, e, None] - capacity).clamp(min=0).sum(0).tolist() for e in range(num_experts)]
-    level = [row.index(0) for row in drops]  # each expert's grid position; the last one (C = T) drops nothing
-    budget = target_drop * loads.sum().item()
+    size_of_image = (loads.sum(-1) // top_k).unique(return_inverse=True)[1]  # [N] index of each image's size
+    sizes = int(size_of_image.max()) + 1
+    budget = [target_drop * loads[size_of_image == i].sum().item() for i in range(sizes)]
+
+    def per_size(d: torch.Tensor) -> list[list[int]]:  # [N, G] drops -> [G][sizes] drops summed per image size
+        return d.new_zeros(sizes, d.shape[1]).index_add_(0, size_of_image, d).t().tolist()
+
+    # drops[e][g][i]: assignments expert e drops at grid factor g in images of size i, non-increasing in g; one
+    # expert at a time keeps the memory at [N, G] (N*E*G int64 would be 0.6 GB at E=128 over a 240-image split)
+    drops = [per_size((loads[:, e, None] - capacity).clamp(min=0)) for e in range(num_experts)]
+    level = [next(g for g, d in enumerate(row) if not any(d)) for row in drops]  # C = T drops nothing
     ceiling = math.floor(num_experts * max_factor / step + 1e-6)  # the configured total, in steps
-    dropped = sum(row[g] for row, g in zip(drops, level))
+    dropped = [sum(row[g][i] for row, g in zip(drops, level)) for i in range(sizes)]
     while any(level):
-        cost, e = min((drops[e][g - 1] - drops[e][g], e) for e, g in enumerate(level) if g)
-        if dropped + cost > budget and sum(level) <= ceiling:
+        steps = []  # (added drops in all, expert, added drops per size) of every expert's next step down
+        for e, g in enumerate(level):
+            if g:
+                added = [a - b for a, b in zip(drops[e][g - 1], drops[e][g])]
+                steps.append((sum(added), e, added))
+        within = [s for s in steps if all(d + a <= b for d, a, b in zip(dropped, s[2], budget))]
+        if not within and sum(level) <= ceiling:
             break
+        _, e, added = min(within or steps, key=lambda s: s[:2])
         level[e] -= 1
-        dropped += cost
+        dropped = [d + a for d, a in zip(dropped, added)]
     return [grid[g] for g in level]

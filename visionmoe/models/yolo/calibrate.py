@@ -18,27 +18,39 @@ from ...utils import replaced_atomically
 
 
 class SplitImages:
-    """Batches [B, 3, imgsz, imgsz] float in [0, 1] on `device` of one dataset split, re-iterable.
+    """Batches [B, 3, H, W] float in [0, 1] on `device` of one dataset split, without augmentation, re-iterable.
 
-    Without augmentation, and letterboxed to a square (never `rect`) like the input of a static export at imgsz:
-    its padding tokens claim expert capacity too.
+    Every image comes letterboxed to an imgsz square, as the input of a static export at imgsz; with `as_validated`,
+    a second time as Ultralytics' validator loads it: in rect batches padded by half a stride on each side. Padding
+    tokens claim expert capacity too, and the two inputs pad differently (a square image gets no border in the first
+    and a grey ring in the second), so factors fitted on one of them can drop many times the target on the other.
     """
 
     def __init__(
-        self, args: IterableSimpleNamespace, data: dict[str, Any], split: str, stride: int, device: torch.device
+        self,
+        args: IterableSimpleNamespace,
+        data: dict[str, Any],
+        split: str,
+        stride: int,
+        device: torch.device,
+        as_validated: bool = True,
     ):
-        args = copy(args)
-        args.rect = False
-        dataset = build_yolo_dataset(args, data[split], args.batch, data, mode="val", stride=stride, fraction=1.0)
-        self.loader = build_dataloader(dataset, args.batch, args.workers, shuffle=False, device=device)
+        self.loaders = []
+        for rect in (False, True) if as_validated else (False,):
+            form = copy(args)
+            form.rect = rect  # in val mode, rect batches get the validator's half-stride padding
+            dataset = build_yolo_dataset(form, data[split], form.batch, data, mode="val", stride=stride, fraction=1.0)
+            self.loaders.append(build_dataloader(dataset, form.batch, form.workers, shuffle=False, device=device))
         self.device = device
 
     def __len__(self) -> int:
-        return len(self.loader.dataset)
+        """Images in the split (each is yielded once per input form)."""
+        return len(self.loaders[0].dataset)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in self.loader:
-            yield batch["img"].to(self.device).float() / 255
+        for loader in self.loaders:
+            for batch in loader:
+                yield batch["img"].to(self.device).float() / 255
 
 
 def calibrate_split(
@@ -52,8 +64,12 @@ def calibrate_split(
     and `args.batch`, and log the factors."""
     split = args.split or "val"
     stride = max(int(model.stride.max()), 32)
-    calibration = calibrate_capacity(model, SplitImages(args, data, split, stride, device), target_drop)
-    LOGGER.info(f"{colorstr('visionmoe:')} {calibration} ('{split}' split, {args.imgsz} px)")
+    images = SplitImages(args, data, split, stride, device)
+    calibration = calibrate_capacity(model, images, target_drop)
+    LOGGER.info(
+        f"{colorstr('visionmoe:')} {calibration} (the {len(images)} '{split}' images, each letterboxed square as a "
+        f"static export at {args.imgsz} px sees it and padded as Ultralytics' val pads it)"
+    )
     if calibration.over_target():
         LOGGER.warning(
             f"{', '.join(calibration.over_target())} drop over {calibration.target_drop:.2%} of their assignments even "

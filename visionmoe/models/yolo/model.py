@@ -143,7 +143,8 @@ class VisionMoE(Model):
         correspondingly smaller expert buffers.
 
         Takes Ultralytics' val arguments (imgsz, batch, device, split, workers); `data` defaults to the checkpoint's
-        training data. Images are letterboxed square, as a static export at imgsz sees them. The factors belong to
+        training data. Each image counts twice: letterboxed square, as a static export at imgsz sees it, and in
+        Ultralytics' padded val batches, so that `val` and the export both keep to the target. The factors belong to
         the model: `save()` or `export()` it afterwards. Returns each layer's factors and drop rates.
         """
         self._check_is_pytorch_model()
