@@ -30,6 +30,18 @@ def test_every_packaged_config_builds_and_runs(name):
     assert model.active_params() < total
 
 
+BENCHMARK_CONFIGS = sorted((Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BENCHMARK_CONFIGS, ids=lambda p: p.stem)
+def test_benchmark_configs_build_at_yolo11n_active_flops(path):
+    """The diagnostic layouts of benchmarks/results/recipe.md stay rerunnable, at the active cost they claim."""
+    model = build_model(path.with_name(f"{path.stem}-n.yaml"), verbose=False)
+    assert model.moe_blocks()
+    ratio = active_gflops(model, 128) / active_gflops(DetectionModel("yolo11n.yaml", verbose=False), 128)
+    assert 0.95 <= ratio <= 1.1, f"{path.name}: active GFLOPs {ratio:.3f}x YOLO11n"
+
+
 @pytest.mark.parametrize("scale", ["n", "s", "m", "l", "x"])
 def test_yolo_moe_active_flops_match_yolo11_at_top1(scale):
     moe = build_model(f"visionmoe-yolo-{scale}.yaml", verbose=False, top_k=1)
