@@ -17,16 +17,13 @@ merge weights at runtime, like the `gather` form.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from block_prototype import train_with_block
 from torch import nn
-from ultralytics.cfg import DEFAULT_CFG
 
-from visionmoe.cli import parse_args
-from visionmoe.models.yolo.train import MoEDetectionTrainer
 from visionmoe.nn.batched import BatchedRun
 from visionmoe.nn.blocks import MoEC3k2
 from visionmoe.nn.routing import Routing
@@ -67,15 +64,5 @@ class MergedMoEC3k2(MoEC3k2):
         return MergedRun(routing.indices, routing.gates)(list(experts), x)
 
 
-class MergedTrainer(MoEDetectionTrainer):
-    def get_model(self, cfg=None, weights=None, verbose: bool = True):
-        model = super().get_model(cfg, weights, verbose)
-        for block in model.moe_blocks():
-            if type(block) is MoEC3k2:
-                block.__class__ = MergedMoEC3k2
-        return model
-
-
 if __name__ == "__main__":
-    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
-    MergedTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
+    train_with_block(MergedMoEC3k2)

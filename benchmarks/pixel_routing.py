@@ -18,13 +18,9 @@ an expert only on the windows its positions need); no export form.
 
 from __future__ import annotations
 
-import sys
-
 import torch
-from ultralytics.cfg import DEFAULT_CFG
+from block_prototype import train_with_block
 
-from visionmoe.cli import parse_args
-from visionmoe.models.yolo.train import MoEDetectionTrainer
 from visionmoe.nn.blocks import MoEC3k2
 
 
@@ -47,15 +43,5 @@ class PixelMoEC3k2(MoEC3k2):
         return self.cv2(torch.cat((a, b, h), 1))
 
 
-class PixelTrainer(MoEDetectionTrainer):
-    def get_model(self, cfg=None, weights=None, verbose: bool = True):
-        model = super().get_model(cfg, weights, verbose)
-        for block in model.moe_blocks():
-            if type(block) is MoEC3k2:
-                block.__class__ = PixelMoEC3k2
-        return model
-
-
 if __name__ == "__main__":
-    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
-    PixelTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
+    train_with_block(PixelMoEC3k2)

@@ -1,0 +1,28 @@
+"""Shared entry point of the prototype recipes that change how the MoE blocks route (merged_experts.py,
+pixel_routing.py): `visionmoe train` with every MoEC3k2 of the model given another class, in that run only."""
+
+from __future__ import annotations
+
+import sys
+
+from ultralytics.cfg import DEFAULT_CFG
+
+from visionmoe.cli import parse_args
+from visionmoe.models.yolo.train import MoEDetectionTrainer
+from visionmoe.nn.blocks import MoEC3k2
+
+
+def train_with_block(block_class: type[MoEC3k2]) -> None:
+    """Train as `visionmoe train <command-line arguments>` (model visionmoe-yolo-n.yaml unless given), with every
+    MoEC3k2 block of the model built as `block_class`, a subclass that keeps its parameters."""
+
+    class PrototypeTrainer(MoEDetectionTrainer):
+        def get_model(self, cfg=None, weights=None, verbose: bool = True):
+            model = super().get_model(cfg, weights, verbose)
+            for block in model.moe_blocks():
+                if type(block) is MoEC3k2:
+                    block.__class__ = block_class
+            return model
+
+    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
+    PrototypeTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
