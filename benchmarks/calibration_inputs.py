@@ -16,23 +16,12 @@ import argparse
 import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.data.utils import check_det_dataset
+from vit_export import drop_rate
 
 from visionmoe import VisionMoE
 from visionmoe.data import find_data_yaml
 from visionmoe.models.yolo.calibrate import SplitImages
 from visionmoe.nn.capacity import token_routed_layers
-
-
-def drop_rate(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    """Share of all token-routed assignments of `model` (in eval) dropped on `batches`."""
-    kept = total = 0
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-            for _, layer in token_routed_layers(model):
-                kept += int(layer.kept.sum())
-                total += layer.kept.numel()
-    return 1 - kept / max(total, 1)
 
 
 def main() -> None:

@@ -63,14 +63,16 @@ def split_images(data: str, count: int, imgsz: int) -> list[torch.Tensor]:
 
 
 def drop_rate(model: torch.nn.Module, images: list[torch.Tensor]) -> float:
-    """Share of the token-routed assignments that `model` drops on `images` (every layer routes k*T per image)."""
-    kept = []
+    """Share of all token-routed assignments that `model` drops on `images` (batches of any size)."""
+    kept = total = 0
     model.eval()
     with torch.no_grad():
         for x in images:
             model(x)
-            kept += [layer.kept.float().mean() for _, layer in token_routed_layers(model)]
-    return 1 - torch.stack(kept).mean().item()
+            for _, layer in token_routed_layers(model):
+                kept += int(layer.kept.sum())
+                total += layer.kept.numel()
+    return 1 - kept / max(total, 1)
 
 
 def set_factors(model: torch.nn.Module, factors: list[float | tuple[float, ...]]) -> None:
