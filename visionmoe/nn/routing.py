@@ -199,11 +199,17 @@ def token_loads(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
     return loads.scatter_add_(1, flat, torch.ones_like(flat))
 
 
+def _image_sizes(loads: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct token counts T of the images of `loads` ([N, E], each row sums to k*T), and [N] the index of
+    each image's T among them."""
+    return (loads.sum(-1) // top_k).unique(return_inverse=True)
+
+
 def _capacity_table(loads: torch.Tensor, top_k: int, factors: Sequence[float]) -> torch.Tensor:
     """[N, F] slots each of `factors` gives each image of `loads` ([N, E] per-image loads, see `token_loads`); each
     image's T is its row sum / k, so images of different sizes can be mixed."""
     num_experts = loads.shape[-1]
-    sizes, size_of_image = (loads.sum(-1) // top_k).unique(return_inverse=True)
+    sizes, size_of_image = _image_sizes(loads, top_k)
     table = [[expert_capacity(t, num_experts, top_k, f) for f in factors] for t in sizes.tolist()]
     return torch.tensor(table, device=loads.device).view(len(sizes), len(factors))[size_of_image]
 
@@ -245,8 +251,8 @@ def fit_capacity_factors(
     num_experts = loads.shape[-1]
     grid = [round(i * step, 6) for i in range(math.ceil(num_experts / top_k / step) + 1)]  # up to C = T
     capacity = _capacity_table(loads, top_k, grid)  # [N, G]
-    size_of_image = (loads.sum(-1) // top_k).unique(return_inverse=True)[1]  # [N] index of each image's size
-    sizes = int(size_of_image.max()) + 1
+    token_counts, size_of_image = _image_sizes(loads, top_k)
+    sizes = len(token_counts)
     budget = [target_drop * loads[size_of_image == i].sum().item() for i in range(sizes)]
 
     def per_size(d: torch.Tensor) -> list[list[int]]:  # [N, G] drops -> [G][sizes] drops summed per image size
