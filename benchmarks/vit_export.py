@@ -58,7 +58,8 @@ def synth_val_images(count: int, imgsz: int) -> list[torch.Tensor]:
 def split_images(data: str, count: int, imgsz: int) -> list[torch.Tensor]:
     """The first `count` val images of a dataset, letterboxed square to imgsz as the static export sees them."""
     args = get_cfg(overrides={"imgsz": imgsz, "batch": 1, "workers": 0})
-    images = SplitImages(args, check_det_dataset(find_data_yaml(data)), "val", 32, torch.device("cpu"), as_validated=False)
+    data_dict = check_det_dataset(find_data_yaml(data))
+    images = SplitImages(args, data_dict, "val", 32, torch.device("cpu"), as_validated=False)
     return list(islice(images, count))
 
 
