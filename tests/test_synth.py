@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from ultralytics.data.utils import check_det_dataset
 
 from visionmoe.analysis.domains import load_domains
@@ -58,3 +59,29 @@ def test_cli_data_synth_and_packaged_yaml(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     packaged = Path(find_data_yaml("synth-shapes.yaml"))
     assert packaged.is_file() and "generate(" in packaged.read_text()
+
+
+def test_conflict_set_relabels_by_domain_group(tmp_path, monkeypatch):
+    """benchmarks/conflict_set.py (recipe.md, stop 24): same images, each label shifted by its image's domain group."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from conflict_set import make_conflict_set
+    from oracle_routing import EXPERT_OF_DOMAIN
+
+    source = generate(tmp_path / "s", images=12, imgsz=64).parent
+    yaml_file = make_conflict_set(source, tmp_path / "c")
+    data = check_det_dataset(str(yaml_file))
+    assert data["nc"] == len(CLASSES)
+    domains = load_domains(data)
+    labels = sorted(source.glob("labels/*/*.txt"))
+    assert len(labels) == 12 and set(domains) == {p.stem for p in labels}
+    for original in labels:
+        relabelled = tmp_path / "c" / original.relative_to(source)
+        shift = EXPERT_OF_DOMAIN[domains[original.stem]]
+        for a, b in zip(original.read_text().splitlines(), relabelled.read_text().splitlines(), strict=True):
+            (ca, *box_a), (cb, *box_b) = a.split(), b.split()
+            assert int(cb) == (int(ca) + shift) % len(CLASSES) and box_a == box_b
+    for image in source.glob("images/*/*.jpg"):
+        assert (tmp_path / "c" / image.relative_to(source)).read_bytes() == image.read_bytes()
+    assert {EXPERT_OF_DOMAIN[d] for d in domains.values()} == {0, 1, 2, 3}  # every group, so every shift, is tested
+    with pytest.raises(FileExistsError, match="exists; remove it"):
+        make_conflict_set(source, tmp_path / "c")
