@@ -12,17 +12,13 @@ the answer; this measures what routers that had learned the useful partition wou
 
 from __future__ import annotations
 
-import sys
-from copy import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from oracle_routing import ORACLE, OracleTrainer
-from ultralytics.cfg import DEFAULT_CFG
+from oracle_routing import ORACLE, OracleTrainer, train
 
 from visionmoe.analysis.validator import RoutingValidator
-from visionmoe.cli import parse_args
 from visionmoe.nn.tasks import MoEDetectionModel
 
 ROUTER_CE = 0.1  # weight of each router's cross-entropy with the image's domain group
@@ -47,17 +43,13 @@ class RouterDecidesValidator(RoutingValidator):
 
 
 class SupervisedTrainer(OracleTrainer):
+    validator_class = RouterDecidesValidator
+
     def get_model(self, cfg=None, weights=None, verbose: bool = True):
         model = super().get_model(cfg, weights, verbose)
         model.__class__ = SupervisedRoutingModel
         return model
 
-    def get_validator(self) -> RouterDecidesValidator:
-        return RouterDecidesValidator(
-            self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks, examples=0
-        )
-
 
 if __name__ == "__main__":
-    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
-    SupervisedTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
+    train(SupervisedTrainer)
