@@ -5,10 +5,11 @@
 
 Trains visionmoe-yolo-n (default recipe) where, once routing starts, only the first MoEC3k2 block (model.6, the
 first at stride 16) runs its router; every later block sends the image to the expert of the same index. An image thus
-takes one path of experts through the whole network, as under oracle domain routing (`oracle_routing.py`), where
-each block's own router splits the images its own way and an expert of one block meets the images of all experts of
-the next. The one router gets the task gradient of every block's gate and the balance losses of all six, so the aux
-loss weighs what six routers' did. Same parameters and compute as the default MoE; the later routers stay idle.
+takes one path of experts through the whole network, as under oracle domain routing (`oracle_routing.py`). In the
+default MoE each block's router splits the images its own way, so an expert of one block meets the images of all
+experts of the next. The one router gets the task gradient of every block's gate and the balance losses of all six,
+so the aux loss weighs what six routers' did. Same parameters and compute as the default MoE; the later routers stay
+idle.
 """
 
 from __future__ import annotations
