@@ -29,10 +29,9 @@ class SupervisedRoutingModel(MoEDetectionModel):
         loss, target = super().aux_loss(), ORACLE["indices"]
         if not self.training or target is None:
             return loss
-        for block in self.moe_blocks():
-            logits = None if block.routing is None else block.routing.logits
-            if logits is not None and logits.shape[0] == target.shape[0]:
-                loss = loss + ROUTER_CE * F.cross_entropy(logits, target[:, 0].to(logits.device))
+        for routing in (block.routing for block in self.moe_blocks()):
+            if routing is not None and routing.logits.shape[0] == target.shape[0]:
+                loss = loss + ROUTER_CE * F.cross_entropy(routing.logits, target[:, 0].to(routing.logits.device))
         return loss
 
 
