@@ -51,3 +51,11 @@ def test_torch_models_timed_together():
     models = {k: build_model("visionmoe-yolo-n.yaml", verbose=False, experts=k) for k in (2, 4)}
     ms = torch_latency_ms(models, 64, runs=2, warmup=1)
     assert set(ms) == {2, 4} and all(t > 0 for t in ms.values())
+
+
+def test_torch_latency_times_the_requested_batch():
+    seen = []
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False)
+    model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))  # deep-copied with the model
+    torch_latency_ms({"moe": model}, 64, runs=1, warmup=0, batch=3)
+    assert seen == [(3, 3, 64, 64)]

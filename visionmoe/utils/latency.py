@@ -56,13 +56,14 @@ def interleaved_median_ms(
 
 
 def torch_latency_ms(
-    models: dict[str, BaseModel], imgsz: int, device: str = "cpu", runs: int = 20, warmup: int = 3
+    models: dict[str, BaseModel], imgsz: int, device: str = "cpu", runs: int = 20, warmup: int = 3, batch: int = 1
 ) -> dict[str, float]:
-    """Eager latency of fused fp32 copies of `models` on one imgsz x imgsz image, interleaved (every allowed core)."""
+    """Eager latency of fused fp32 copies of `models` on `batch` imgsz x imgsz images, interleaved (every allowed
+    core)."""
     if device == "cpu":
         torch.set_num_threads(allowed_cpus())  # Ultralytics' trainers and validators leave one core idle
     fused = {name: deepcopy(m).float().to(device).eval().fuse(verbose=False) for name, m in models.items()}
-    x = torch.rand(1, 3, imgsz, imgsz, device=device)
+    x = torch.rand(batch, 3, imgsz, imgsz, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     with torch.inference_mode():
         return interleaved_median_ms({name: (lambda m=m: m(x)) for name, m in fused.items()}, runs, warmup, sync)
