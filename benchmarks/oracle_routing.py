@@ -6,9 +6,11 @@
 Trains visionmoe-yolo-n (default recipe) with every router overruled by the image's domain tag (the dataset's
 domains.csv): routed epochs and every validation send each image to the expert of its domain group, with gate 1, in
 every MoE block. The routers still train on their aux losses but decide nothing. If even this oracle does not lift
-the MoE above YOLO11n, better routers cannot either, on this data and schedule. Domain groups (4 experts, 6 synth
-domains): clean and colourshift, cluttered, noisy and lowlight, blurred. The run folder is a normal training run
-(results.csv, weights, analysis.json, whose NMI with the domain is then 0.86 in every layer by construction).
+the MoE above YOLO11n, better routers cannot either, on this data and schedule. Domain groups (4 experts, 6
+synth domains, `visionmoe.data.synth.DOMAIN_EXPERTS`): clean and colourshift, cluttered, noisy and lowlight,
+blurred. The product's `domain_loss` routes training images the same way but lets the routers decide at validation.
+The run folder is a normal training run (results.csv, weights, analysis.json, whose NMI with the domain is then
+0.86 in every layer by construction).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from ultralytics.cfg import DEFAULT_CFG
 from visionmoe.analysis.domains import load_domains
 from visionmoe.analysis.validator import RoutingValidator
 from visionmoe.cli import parse_args
+from visionmoe.data.synth import DOMAIN_EXPERTS
 from visionmoe.models.yolo.train import MoEDetectionTrainer
 from visionmoe.nn.routing import Routing
 
-EXPERT_OF_DOMAIN = {"clean": 0, "colourshift": 0, "cluttered": 1, "noisy": 2, "lowlight": 2, "blurred": 3}
 ORACLE: dict[str, torch.Tensor | None] = {"indices": None}  # [B, 1] experts of the batch being run
 
 
@@ -45,7 +47,7 @@ def oracle_routing(router: torch.nn.Module, inputs: tuple, routing: Routing) -> 
 
 
 def set_oracle(batch: dict[str, Any], domains: dict[str, str]) -> None:
-    experts = [EXPERT_OF_DOMAIN[domains[Path(f).stem]] for f in batch["im_file"]]
+    experts = [DOMAIN_EXPERTS[domains[Path(f).stem]] for f in batch["im_file"]]
     ORACLE["indices"] = torch.tensor(experts).unsqueeze(1)
 
 

@@ -1,18 +1,19 @@
 """Many seeds at once on one GPU machine: dense YOLO11 and visionmoe recipes trained side by side, then tabled.
 
-    python benchmarks/seed_pool.py run --data D [D ...] --recipes yolo11n.yaml visionmoe-yolo-n.yaml supervised \
-        --seeds 0 1 2 3 4 --parallel 14 --deadline 480 --out DIR -- epochs=20 imgsz=128 batch=16 nbs=16 workers=1
+    python benchmarks/seed_pool.py run --data D [D ...] \
+        --recipes yolo11n.yaml visionmoe-yolo-n.yaml "visionmoe-yolo-n.yaml domain_loss=0.1" --seeds 0 1 2 \
+        --parallel 6 --deadline 480 --out DIR -- epochs=20 imgsz=128 batch=16 nbs=16 workers=1
     python benchmarks/seed_pool.py table DIR
 
 `visionmoe compare` trains one run after another, which keeps its s/epoch clean on a CPU; on a GPU machine the
 runs of a seed study are small enough to run many at once. `run` starts one process per (data, recipe, seed), at most
-`--parallel` at a time, each through the same code as compare (`compare.train_run`) or, for the prototypes
-`supervised` and `oracle`, through `supervised_routing.py` and `oracle_routing.py`. Runs still going at
-`--deadline` seconds are stopped and left out of the table; a run that fails stops them all. `table` reads every
-run's results.csv and prints, per data set and recipe, mAP50-95 of the best-fitness epoch (the one best.pt keeps)
-of the runs that finished, the paired delta against the first recipe with its noise floor (the larger seed std, as
-compare's), the mean s/epoch (not clean: the runs share the machine), and each MoE run's dead experts and NMI with
-the domain (analysis.json).
+`--parallel` at a time, each through the same code as compare (`compare.train_run`; a recipe is a model YAML,
+optionally followed by its own settings) or, for the prototype `oracle`, through `oracle_routing.py`. Runs still
+going at `--deadline` seconds are stopped and left out of the table; a run that fails stops them all. `table` reads
+every run's results.csv and prints, per data set and recipe, mAP50-95 of the best-fitness epoch (the one best.pt
+keeps) of the runs that finished, the paired delta against the first recipe with its noise floor (the larger seed
+std, as compare's), the mean s/epoch (not clean: the runs share the machine), and each MoE run's dead experts and
+NMI with the domain (analysis.json).
 """
 
 from __future__ import annotations
@@ -27,16 +28,23 @@ import sys
 import time
 from pathlib import Path
 
-PROTOTYPES = {"supervised": "supervised_routing.py", "oracle": "oracle_routing.py"}
+PROTOTYPES = {"oracle": "oracle_routing.py"}
 HERE = Path(__file__).resolve().parent
+
+
+def recipe_label(recipe: str) -> str:
+    """Folder name of a recipe: 'visionmoe-yolo-n.yaml domain_loss=0.1' -> 'visionmoe-yolo-n_domain_loss0.1'."""
+    model, *settings = recipe.split()
+    return "_".join([Path(model).stem, *(s.replace("=", "") for s in settings)])
 
 
 def job_command(recipe: str, data: str, seed: int, train: list[str], folder: Path) -> list[str]:
     """The command line of one run, writing its run folder to `folder`."""
     where = [f"data={data}", f"seed={seed}", f"project={folder.parent}", f"name={folder.name}", "exist_ok=True"]
-    if recipe in PROTOTYPES:
-        return [sys.executable, str(HERE / PROTOTYPES[recipe]), *where, *train]
-    return [sys.executable, str(Path(__file__).resolve()), "one", recipe, *where, *train]
+    model, *settings = recipe.split()
+    if model in PROTOTYPES:
+        return [sys.executable, str(HERE / PROTOTYPES[model]), *where, *settings, *train]
+    return [sys.executable, str(Path(__file__).resolve()), "one", model, *where, *settings, *train]
 
 
 def train_one(recipe: str, args: list[str]) -> None:
@@ -58,12 +66,12 @@ def train_one(recipe: str, args: list[str]) -> None:
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipes.json").write_text(json.dumps([Path(r).stem for r in args.recipes]))  # the table's order
+    (out / "recipes.json").write_text(json.dumps([recipe_label(r) for r in args.recipes]))  # the table's order
     jobs = []
     for seed in args.seeds:  # seed-major, so that a deadline cuts the last seeds of every set and recipe alike
         for data in args.data:
             for recipe in args.recipes:
-                folder = out / Path(data).parent.name / Path(recipe).stem / f"seed{seed}"
+                folder = out / Path(data).parent.name / recipe_label(recipe) / f"seed{seed}"
                 jobs.append((folder, job_command(recipe, data, seed, args.train, folder)))
     start, running = time.monotonic(), []
     while jobs or running:
@@ -161,7 +169,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
     p.add_argument("--data", nargs="+", required=True, help="data YAMLs (their folder names label the table)")
-    p.add_argument("--recipes", nargs="+", required=True, help="model YAMLs or prototypes: " + ", ".join(PROTOTYPES))
+    recipes = "model YAMLs, each optionally with settings ('m.yaml key=value', quoted), or " + ", ".join(PROTOTYPES)
+    p.add_argument("--recipes", nargs="+", required=True, help=recipes)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--deadline", type=float, default=float("inf"), help="seconds; runs still going are stopped")

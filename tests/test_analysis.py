@@ -15,7 +15,7 @@ from ultralytics.utils.checks import check_yaml
 
 from visionmoe import VisionMoE
 from visionmoe.analysis import RoutingRecorder, entropy, mutual_information, normalized_mutual_information
-from visionmoe.analysis.domains import load_domains
+from visionmoe.analysis.domains import domain_experts, load_domains
 from visionmoe.analysis.recorder import token_grid
 from visionmoe.analysis.utilisation import dead_experts, dominant_experts
 from visionmoe.nn.routing import Routing
@@ -147,6 +147,19 @@ def test_domain_tags_from_the_data_yaml_key_or_a_csv(tmp_path):
         load_domains({"path": str(tmp_path), "domains": "tags.csv"})
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         load_domains({"path": str(tmp_path), "domains": "missing.csv"})
+
+
+def test_domain_experts_map_each_domain_in_name_order_or_as_the_data_yaml_says():
+    tags = {"a": "night", "b": "day", "c": "day", "d": "fog"}
+    assert domain_experts({}, tags, 4) == {"day": 0, "fog": 1, "night": 2}
+    with pytest.raises(ValueError, match="3 domains for 2 experts; set experts=3, or map domains"):
+        domain_experts({}, tags, 2)
+    grouped = {"domain_experts": {"day": 0, "fog": 1, "night": 1}}
+    assert domain_experts(grouped, tags, 2) == {"day": 0, "fog": 1, "night": 1}
+    with pytest.raises(ValueError, match=r"maps no expert for the tagged domains \['fog'\]"):
+        domain_experts({"domain_experts": {"day": 0, "night": 1}}, tags, 2)
+    with pytest.raises(ValueError, match=r"\{'night': 2\} are not expert indices 0..1"):
+        domain_experts({"domain_experts": {"day": 0, "fog": 1, "night": 2}}, tags, 2)
 
 
 def check_analysis_folder(folder, layers: int, domains: bool) -> dict:

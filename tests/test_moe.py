@@ -183,3 +183,40 @@ def test_frozen_expert_norm_uses_running_statistics_in_training():
     assert norms[0].weight.grad is not None  # scale and shift still learn
     with pytest.raises(ValueError, match="needs dense_warmup > 0"):
         MoESettings(freeze_expert_norm=True, renormalize=True)
+
+
+def test_domain_routing_sends_tagged_training_images_to_their_expert_and_teaches_the_routers():
+    from types import SimpleNamespace
+
+    from ultralytics.cfg import DEFAULT_CFG
+
+    from visionmoe.nn.routing import domain_loss
+    from visionmoe.nn.tasks import build_model
+
+    with pytest.raises(ValueError, match="domain_loss=0.1 needs top_k=1 and renormalize=True"):
+        MoESettings(domain_loss=0.1, experts=4, top_k=2, renormalize=True)
+    with pytest.raises(ValueError, match="domain_loss=0.1 applies to per-image MoE blocks"):
+        build_model("visionmoe-vit-t.yaml", verbose=False, domain_loss=0.1, renormalize=True)
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False, domain_loss=0.1)
+    model.args = SimpleNamespace(**vars(DEFAULT_CFG))  # the loss weights a trainer would attach
+    empty = {"img": torch.rand(3, 3, 64, 64), "batch_idx": torch.zeros(0), "cls": torch.zeros(0, 1),
+             "bboxes": torch.zeros(0, 4)}  # fmt: skip
+    blocks = model.moe_blocks()
+    model.train().loss(empty)
+    own = blocks[0].routing.indices[1, 0].item()
+    experts = torch.tensor([2, -1, 0])
+    _, items = model.loss({**empty, "domain_expert": experts})
+    for block in blocks:
+        assert block.routing.indices[[0, 2], 0].tolist() == [2, 0] and block.assigned is None  # for that forward only
+    # the untagged image keeps its router's choice (in the first block; later ones see features that the batch
+    # statistics of BatchNorm tie to where the other images went)
+    assert blocks[0].routing.indices[1, 0] == own
+    ce = sum(domain_loss(block.routing.logits, experts) for block in blocks)
+    torch.testing.assert_close(model.aux_loss(experts) - model.aux_loss(), 0.1 * ce)
+    torch.testing.assert_close(items["moe"], model.aux_loss(experts))
+    chosen = []
+    with torch.no_grad():
+        for batch in ({**empty, "domain_expert": experts}, empty):  # validation: the routers decide alone
+            model.eval().loss(batch)
+            chosen.append([block.routing.indices[:, 0].tolist() for block in blocks])
+    assert chosen[0] == chosen[1]

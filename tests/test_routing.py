@@ -7,7 +7,9 @@ import torch
 
 from visionmoe.nn.routing import (
     LOGIT_CLAMP,
+    assign,
     aux_loss,
+    domain_loss,
     expert_capacity,
     expert_shares,
     mutual_information_loss,
@@ -159,3 +161,19 @@ def test_letterbox_mask_pools_over_content_cells_only():
     cells = torch.ones(4, 4)
     cells[0, 1:] = 0  # row 0 is border except the cell holding the content pixel
     torch.testing.assert_close(pooled[0], (features[0] * cells).sum((1, 2)) / cells.sum())
+
+
+def test_assign_sends_tagged_items_to_their_expert_with_gate_one():
+    routing = route(torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]), top_k=1, renormalize=True)
+    assigned = assign(routing, torch.tensor([2, -1, 0]))
+    assert assigned.indices[:, 0].tolist() == [2, 1, 0]  # item 1 is untagged: the router's own choice stays
+    assert torch.equal(assigned.gates, torch.ones(3, 1))
+    assert assigned.logits is routing.logits and assigned.probs is routing.probs
+
+
+def test_domain_loss_is_the_cross_entropy_over_tagged_items_only():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [0.0, 1.0, 3.0]])
+    experts = torch.tensor([1, -1, 2])
+    p = logits.softmax(-1)
+    assert domain_loss(logits, experts).item() == pytest.approx(-(math.log(p[0, 1]) + math.log(p[2, 2])) / 2)
+    assert domain_loss(logits, torch.full((3,), -1)).item() == 0.0

@@ -65,7 +65,7 @@ def test_conflict_set_relabels_by_domain_group(tmp_path, monkeypatch):
     """benchmarks/conflict_set.py (recipe.md, stop 24): same images, each label shifted by its image's domain group."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from conflict_set import make_conflict_set
-    from oracle_routing import EXPERT_OF_DOMAIN
+    from visionmoe.data.synth import DOMAIN_EXPERTS
 
     source = generate(tmp_path / "s", images=12, imgsz=64).parent
     yaml_file = make_conflict_set(source, tmp_path / "c")
@@ -76,12 +76,12 @@ def test_conflict_set_relabels_by_domain_group(tmp_path, monkeypatch):
     assert len(labels) == 12 and set(domains) == {p.stem for p in labels}
     for original in labels:
         relabelled = tmp_path / "c" / original.relative_to(source)
-        shift = EXPERT_OF_DOMAIN[domains[original.stem]]
+        shift = DOMAIN_EXPERTS[domains[original.stem]]
         for a, b in zip(original.read_text().splitlines(), relabelled.read_text().splitlines(), strict=True):
             (ca, *box_a), (cb, *box_b) = a.split(), b.split()
             assert int(cb) == (int(ca) + shift) % len(CLASSES) and box_a == box_b
     for image in source.glob("images/*/*.jpg"):
         assert (tmp_path / "c" / image.relative_to(source)).read_bytes() == image.read_bytes()
-    assert {EXPERT_OF_DOMAIN[d] for d in domains.values()} == {0, 1, 2, 3}  # every group, so every shift, is tested
+    assert {DOMAIN_EXPERTS[d] for d in domains.values()} == {0, 1, 2, 3}  # every group, so every shift, is tested
     with pytest.raises(FileExistsError, match="exists; remove it"):
         make_conflict_set(source, tmp_path / "c")

@@ -1,5 +1,6 @@
 """Trainer set-up: CPU threads and MoE overrides."""
 
+import csv
 import os
 
 import pytest
@@ -122,3 +123,27 @@ def test_kmeans_router_init_gives_each_clustered_image_its_own_expert(tmp_path, 
     trainer.train()
     # COCO8 has 4 training images and every block 4 experts: 4 clusters of 4 points, one image each
     assert len(routed) == 6 and all(sorted(experts) == [0, 1, 2, 3] for experts in routed.values()), routed
+
+
+def test_domain_loss_routes_each_training_image_to_its_domain_expert(tmp_path, coco8):
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import YAML
+
+    with pytest.raises(ValueError, match="domain_loss=0.1 needs per-image domain tags"):
+        MoEDetectionTrainer(overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml", "domain_loss": 0.1,
+                                       "project": str(tmp_path / "untagged")})  # fmt: skip
+    assert not (tmp_path / "untagged").exists()  # refused before any run folder
+    train = sorted(p.stem for p in (coco8 / "images" / "train").iterdir())
+    data = tmp_path / "coco8-domains.yaml"  # the 4 training images in domains a, a, b, c: experts 0, 0, 1, 2
+    YAML.save(data, {"path": str(coco8), "train": "images/train", "val": "images/val",
+                     "names": check_det_dataset("coco8.yaml")["names"], "domains": dict(zip(train, "aabc"))})  # fmt: skip
+    trainer = MoEDetectionTrainer(
+        overrides={"model": "visionmoe-yolo-n.yaml", "data": str(data), "device": "cpu", "epochs": 2, "imgsz": 64,
+                   "batch": 4, "nbs": 4, "workers": 0, "project": str(tmp_path), "name": "domains",
+                   "dense_warmup": 0.5, "domain_loss": 0.1, "plots": False}
+    )  # fmt: skip
+    trainer.train()
+    counts: dict[str, list[int]] = {}
+    for row in csv.DictReader(open(trainer.save_dir / "expert_utilisation.csv")):  # the routed epoch only
+        counts.setdefault(row["layer"], []).append(int(row["count"]))
+    assert len(counts) == 6 and all(c == [2, 1, 1, 0] for c in counts.values()), counts

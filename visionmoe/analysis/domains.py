@@ -48,3 +48,28 @@ def load_domains(data: dict[str, Any]) -> dict[str, str] | None:
         return read_domain_csv(path)
     default = root / DOMAINS_FILE
     return read_domain_csv(default) if default.is_file() else None
+
+
+def domain_experts(data: dict[str, Any], tags: dict[str, str], num_experts: int) -> dict[str, int]:
+    """{domain: expert} for domain routing: the data YAML's `domain_experts:` mapping ({domain: expert index}), or,
+    without one, each tagged domain its own expert in name order (needs no more domains than experts)."""
+    domains = sorted(set(tags.values()))
+    source = data.get("yaml_file", "the data YAML")
+    given = data.get("domain_experts")
+    if given is None:
+        if len(domains) > num_experts:
+            raise ValueError(
+                f"domain routing: {source} tags {len(domains)} domains for {num_experts} experts; set experts="
+                f"{len(domains)}, or map domains to experts with `domain_experts:` in the data YAML"
+            )
+        return {domain: i for i, domain in enumerate(domains)}
+    if not isinstance(given, dict):
+        raise ValueError(f"invalid domain_experts in {source}: expected a mapping {{domain: expert index}}")
+    mapping = {str(k): v for k, v in given.items()}
+    if missing := [d for d in domains if d not in mapping]:
+        raise ValueError(f"domain_experts in {source} maps no expert for the tagged domains {missing}; map each one")
+    bad = {d: e for d, e in mapping.items() if not (type(e) is int and 0 <= e < num_experts)}
+    if bad:
+        raise ValueError(f"domain_experts in {source}: {bad} are not expert indices 0..{num_experts - 1} "
+                         f"(experts={num_experts})")  # fmt: skip
+    return {d: mapping[d] for d in domains}

@@ -26,6 +26,8 @@ import albumentations as A  # noqa: E402
 NAME = "synth-shapes"
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
 DOMAINS = ("clean", "noisy", "blurred", "lowlight", "cluttered", "colourshift")
+# Domains of like looks share an expert of the 4-expert default models under domain routing (`domain_loss`).
+DOMAIN_EXPERTS = {"clean": 0, "colourshift": 0, "cluttered": 1, "noisy": 2, "lowlight": 2, "blurred": 3}
 DEFAULT_IMAGES = 1200
 DEFAULT_IMGSZ = 160
 VAL_FRACTION = 0.2
@@ -169,5 +171,6 @@ def data_yaml(seed: int, images: int, imgsz: int) -> dict:
         "val": "images/val",
         "names": dict(enumerate(CLASSES)),
         "domains": DOMAINS_FILE,
+        "domain_experts": dict(DOMAIN_EXPERTS),
         "synth": {"seed": seed, "images": images, "imgsz": imgsz, "domains": list(DOMAINS)},
     }

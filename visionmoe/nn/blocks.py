@@ -24,7 +24,7 @@ from .dispatch import (
 )
 from .experts import BottleneckStack, MlpExperts, reinitialize
 from .router import Router
-from .routing import Routing, expert_capacities, token_slots
+from .routing import Routing, assign, expert_capacities, token_slots
 from .settings import MoESettings
 from .static import BranchExperts, GatheredExperts, StaticExportError
 
@@ -55,10 +55,11 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.dispatch: Dispatch = "sparse"
         self.routing: Routing | None = None
+        self.assigned: torch.Tensor | None = None  # [B] expert per image for this forward, -1 = the router's choice
 
     def __getstate__(self) -> dict:
-        # The last routing is scratch state for losses and logging; never pickle it into checkpoints.
-        return {**super().__getstate__(), "routing": None}
+        # The last routing and the assignment are scratch state of one forward; never pickle them into checkpoints.
+        return {**super().__getstate__(), "routing": None, "assigned": None}
 
     def params_per_expert(self) -> int:
         """Parameters of one routed expert (all experts of a block have the same shape)."""
@@ -176,6 +177,8 @@ class MoEC3k2(MoEBlock):
             self.routing, h = None, self.experts[0](b)
         else:
             self.routing = self.router(b)
+            if self.assigned is not None:  # domain routing in training (MoEModel.loss)
+                self.routing = assign(self.routing, self.assigned)
             h = self.mixture(b, self.experts, self.routing)
         if self.shared is not None:
             h = h + self.shared(b)

@@ -119,6 +119,25 @@ def aux_loss(routing: Routing, balance_weight: float, z_weight: float, mi_weight
     return loss + mi_weight * mutual_information_loss(routing.probs) if mi_weight else loss
 
 
+def assign(routing: Routing, experts: torch.Tensor) -> Routing:
+    """`routing` [N, E] at k=1 with item n sent to `experts[n]` (gate 1) wherever that is >= 0; -1 keeps the router's
+    choice. Logits and probs stay the router's, so its losses still see what it predicted."""
+    chosen = experts.to(routing.indices.device).unsqueeze(-1)
+    keep = chosen < 0
+    indices = torch.where(keep, routing.indices, chosen)
+    gates = torch.where(keep, routing.gates, torch.ones_like(routing.gates))
+    return Routing(routing.logits, routing.probs, gates, indices)
+
+
+def domain_loss(logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of per-image router logits [N, E] with the expert of each image's domain [N] (-1: untagged,
+    ignored); 0 when no image is tagged."""
+    experts = experts.to(logits.device)
+    if not (experts >= 0).any():
+        return logits.new_zeros(())
+    return torch.nn.functional.cross_entropy(logits.float(), experts, ignore_index=-1)
+
+
 def expert_capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Slots per expert for one image's tokens: `C = ceil(k * T * cf / E)`, at most T."""
     return min(tokens, math.ceil(top_k * tokens * capacity_factor / num_experts))

@@ -50,6 +50,11 @@ class MoESettings:
         freeze_expert_norm: After the dense warmup, the experts' BatchNorms normalise with the running statistics the
             tied expert gathered over full batches, in training as in eval, instead of the statistics of the few
             images routed to them (scale and shift still train). Needs dense_warmup > 0.
+        domain_loss: Weight of each per-image router's cross-entropy with the expert of the image's domain
+            (DAMEX-style domain routing, for data sets merged from sources that differ in look or labelling). When
+            > 0, training routes every tagged image to its domain's expert and teaches the routers to predict it;
+            validation and prediction route from the pixels alone. Needs domain tags in the data (`domains:`, see
+            `analysis.domains.domain_experts` for how domains map to experts), top_k=1 and renormalize=True.
     """
 
     experts: int = 4
@@ -68,6 +73,7 @@ class MoESettings:
     bpr: bool = False
     dense_warmup: float = 0.0
     freeze_expert_norm: bool = False
+    domain_loss: float = 0.0
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -88,7 +94,7 @@ class MoESettings:
                 fail(f"{name}={getattr(self, name)!r}, use True or False")
         if self.mask_letterbox and self.router_input != "mean":
             fail(f"mask_letterbox=True needs router_input='mean' (got {self.router_input!r})")
-        for name in ("noise", "balance_loss", "z_loss", "mi_loss"):
+        for name in ("noise", "balance_loss", "z_loss", "mi_loss", "domain_loss"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 fail(f"{name}={value!r}, use a number >= 0")
@@ -105,6 +111,11 @@ class MoESettings:
             fail(
                 f"router_init='kmeans' needs router='linear' and dense_warmup > 0 (got router={self.router!r}, "
                 f"dense_warmup={self.dense_warmup}): the clusters are fitted when the warmup ends"
+            )
+        if self.domain_loss > 0 and (self.top_k != 1 or not self.renormalize):
+            fail(
+                f"domain_loss={self.domain_loss} needs top_k=1 and renormalize=True (got top_k={self.top_k}, "
+                f"renormalize={self.renormalize}): each image runs its domain's one expert with gate 1"
             )
         if self.freeze_expert_norm and not self.dense_warmup > 0:
             fail("freeze_expert_norm=True needs dense_warmup > 0, whose full batches give the statistics it freezes")

@@ -24,7 +24,7 @@ from ultralytics.utils.torch_utils import initialize_weights
 from ..utils import packaged_dir
 from ..utils.flops import active_gflops
 from .blocks import MOE_BLOCKS, TOKEN_ROUTED, MoEBlock
-from .routing import aux_loss
+from .routing import aux_loss, domain_loss
 from .settings import DEFAULT_CAPACITY_FACTOR, MoESettings
 from .vit import SimpleFeaturePyramid, ViT, moe_block_indices
 
@@ -129,7 +129,13 @@ def _fit_routing_settings(settings: MoESettings, routes_tokens: bool, routes_ima
     """Token-routed models get the default capacity factors if they set none; settings of one routing kind are
     refused by a model without a layer of that kind, which would ignore them."""
     if not routes_images:
-        per_image = (("dense_warmup", 0), ("router_input", "mean"), ("router_init", "random"), ("mask_letterbox", False))
+        per_image = (
+            ("dense_warmup", 0),
+            ("router_input", "mean"),
+            ("router_init", "random"),
+            ("mask_letterbox", False),
+            ("domain_loss", 0),
+        )
         for name, default in per_image:
             if getattr(settings, name) != default:
                 raise ValueError(
@@ -226,17 +232,32 @@ class MoEModel:
             for router in routers:
                 router.content = None  # never kept in checkpoints or reused for another input
 
-    def aux_loss(self) -> torch.Tensor:
-        """Sum over the MoE blocks that routed in the last forward pass of `alpha * balance + beta * z + gamma * mi`."""
+    def aux_loss(self, domain_experts: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over the MoE blocks that routed in the last forward pass of `alpha * balance + beta * z + gamma * mi`,
+        plus `domain_loss` times each per-image router's cross-entropy with `domain_experts` [B] when given."""
         s = self.moe_settings
         blocks = [m for m in self.moe_blocks() if m.routing is not None]
         losses = [aux_loss(m.routing, s.balance_loss, s.z_loss, s.mi_loss) for m in blocks]
+        if domain_experts is not None and s.domain_loss:
+            losses += [s.domain_loss * domain_loss(m.routing.logits, domain_experts) for m in blocks if m.routes_images]
         return sum(losses) if losses else next(self.parameters()).new_zeros(())  # all blocks tied: no router ran
 
     def loss(self, batch: dict[str, Any], preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Detection loss plus the MoE aux loss, which appears as the 'moe' column in logs and results.csv."""
-        loss, items = super().loss(batch, preds)
-        aux = self.aux_loss()
+        """Detection loss plus the MoE aux loss, which appears as the 'moe' column in logs and results.csv.
+
+        A batch with 'domain_expert' [B] (the trainer adds it under `domain_loss`) sends each tagged image to its
+        domain's expert in every per-image block during this forward, and the routers learn to predict that expert.
+        """
+        experts = batch.get("domain_expert") if self.training else None
+        blocks = [m for m in self.moe_blocks() if m.routes_images] if experts is not None and preds is None else []
+        for block in blocks:
+            block.assigned = experts
+        try:
+            loss, items = super().loss(batch, preds)
+        finally:
+            for block in blocks:
+                block.assigned = None  # never kept for another forward
+        aux = self.aux_loss(experts)
         scaled = (aux * batch["img"].shape[0]).reshape(1).to(loss.dtype)  # same batch scaling as the criterion
         return torch.cat((loss, scaled)), {**items, "moe": aux.detach()}
 

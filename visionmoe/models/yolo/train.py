@@ -15,13 +15,14 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import LOGGER, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
+from ...analysis.domains import domain_experts, load_domains
 from ...analysis.report import run_info, write_analysis
 from ...analysis.utilisation import UtilisationTracker
 from ...analysis.validator import RoutingValidator
 from ...data import find_data_yaml
 from ...nn.capacity import reset_capacity, token_routed_layers
 from ...nn.router_init import nearest_centroid_gate
-from ...nn.settings import check_keys, pop_moe_overrides
+from ...nn.settings import MoESettings, check_keys, pop_moe_overrides
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
 from ...utils import is_image_file, partial_path, readable_image, replaced_atomically, use_allowed_cpus
@@ -45,14 +46,19 @@ class MoEDetectionTrainer(DetectionTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks=None):
         overrides = dict(overrides or {})
         self.moe_overrides = pop_moe_overrides(overrides)
-        model = overrides.get("model")
+        self.domain_expert_of: dict[str, int] | None = None  # image stem -> expert, under domain_loss (get_model)
+        model, settings = overrides.get("model"), None
         if isinstance(model, (str, Path)) and str(model).endswith((".yaml", ".yml")):
-            load_model_yaml(model, **self.moe_overrides)  # impossible settings fail before any run folder exists
+            # impossible settings fail before any run folder exists
+            settings = MoESettings.from_dict(load_model_yaml(model, **self.moe_overrides)["moe"])
         else:
             check_keys(self.moe_overrides, "MoE settings")
         if isinstance(overrides.get("data"), str) and not overrides.get("resume"):
             overrides["data"] = str(find_data_yaml(overrides["data"]))  # packaged names, e.g. synth-shapes.yaml
-            check_usable_images(check_det_dataset(overrides["data"]))  # fail before any run folder exists
+            data = check_det_dataset(overrides["data"])
+            check_usable_images(data)  # fail before any run folder exists
+            if settings is not None:
+                domain_routing(settings, data)
         super().__init__(cfg, overrides, _callbacks)
         if self.moe_overrides and isinstance(self.model, (str, Path)) and not self.resume:
             # Build now: DDP workers receive this module, while a YAML path would be rebuilt without the overrides.
@@ -73,6 +79,15 @@ class MoEDetectionTrainer(DetectionTrainer):
         model holds E copies of every expert tensor; see `use_fast_kernels`.
         """
         return use_fast_kernels(super().build_optimizer(*args, **kwargs))
+
+    def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Ultralytics' preprocessing; under `domain_loss` the batch also gets 'domain_expert' [B], the expert of each
+        image's domain (-1 for untagged images), which MoEModel.loss routes and supervises with."""
+        batch = super().preprocess_batch(batch)
+        if self.domain_expert_of is not None:
+            experts = [self.domain_expert_of.get(Path(f).stem, -1) for f in batch["im_file"]]
+            batch["domain_expert"] = torch.tensor(experts, device=batch["img"].device)
+        return batch
 
     def get_validator(self) -> RoutingValidator:
         """DetectionValidator that also records routing; no example images, since training writes no routing maps."""
@@ -127,6 +142,7 @@ class MoEDetectionTrainer(DetectionTrainer):
             cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, **self.moe_overrides
         )
         model = self.set_model_names_for_load(model)
+        self.domain_expert_of = domain_routing(model.moe_settings, self.data)
         if isinstance(weights, MoEModel):
             model.load(weights)
             reset_capacity(model)  # calibration fitted the loaded weights' routing, which training changes
@@ -157,6 +173,20 @@ def use_fast_kernels(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         else:
             group["foreach"] = True
     return optimizer
+
+
+def domain_routing(settings: MoESettings, data: dict[str, Any]) -> dict[str, int] | None:
+    """{image stem: expert} of every tagged image for domain routing, or None when `domain_loss` is 0."""
+    if not settings.domain_loss:
+        return None
+    tags = load_domains(data)
+    if not tags:
+        raise ValueError(
+            f"domain_loss={settings.domain_loss} needs per-image domain tags, and {data.get('yaml_file', 'the data')} "
+            "has none: add `domains:` (a CSV of image,domain rows) to the data YAML, or set domain_loss=0"
+        )
+    experts = domain_experts(data, tags, settings.experts)
+    return {stem: experts[domain] for stem, domain in tags.items()}
 
 
 def drop_epochs_after(path: Path, epoch: int) -> None:
