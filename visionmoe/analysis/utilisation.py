@@ -40,9 +40,10 @@ class UtilisationTracker:
 
     def update(self, named_blocks) -> None:
         """Add the last routing of every (name, MoE block) pair; blocks carry `.router.num_experts` and `.routing`,
-        token-routed ones also `.kept`, the mask of assignments within expert capacity."""
+        token-routed ones also `.kept`, the mask of assignments within expert capacity. Tied blocks are skipped: one
+        expert ran, whatever their routers (taught under `domain_loss`) chose."""
         for name, block in named_blocks:
-            if block.routing is not None:
+            if block.routing is not None and not getattr(block, "tied", False):
                 indices, e = block.routing.indices.detach(), block.router.num_experts
                 self.counts[name] = self.counts.get(name, 0) + expert_counts(indices, e).cpu()
                 kept = getattr(block, "kept", None)

@@ -173,8 +173,9 @@ class MoEC3k2(MoEBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.cv1(x).split((self.c, self.c), 1)  # constant sizes keep traced graphs static, as C2f.forward_split
-        if self.tied:
-            self.routing, h = None, self.experts[0](b)
+        if self.tied:  # one expert for all; the router idles, unless domain routing teaches it already
+            self.routing = None if self.assigned is None else assign(self.router(b), self.assigned)
+            h = self.experts[0](b)
         else:
             self.routing = self.router(b)
             if self.assigned is not None:  # domain routing in training (MoEModel.loss)

@@ -246,7 +246,8 @@ class MoEModel:
         """Detection loss plus the MoE aux loss, which appears as the 'moe' column in logs and results.csv.
 
         A batch with 'domain_expert' [B] (the trainer adds it under `domain_loss`) sends each tagged image to its
-        domain's expert in every per-image block during this forward, and the routers learn to predict that expert.
+        domain's expert in every per-image block during this forward, and the routers learn to predict that expert,
+        also while the experts are tied in a dense warmup (one expert computes; the routers train from the start).
         """
         experts = batch.get("domain_expert") if self.training else None
         blocks = [m for m in self.moe_blocks() if m.routes_images] if experts is not None and preds is None else []
