@@ -5,7 +5,7 @@
 Under `domain_loss` no image ever reached the blurred group's expert (benchmarks/results/recipe.md, stop 25). This
 prints, per image size and domain, percentiles of the variance of the Laplacian of the train images (grey, resized
 as training does), a plain measure of fine detail: if the blurred domain's values separate from the clean one's,
-the pixels carry the blur and the routers (which read stride-8 and deeper features) miss it.
+the pixels carry the blur and the routers (which read features at strides 8 to 32) miss it.
 """
 
 from __future__ import annotations
