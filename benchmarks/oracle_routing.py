@@ -58,8 +58,6 @@ class OracleValidator(RoutingValidator):
 
 
 class OracleTrainer(MoEDetectionTrainer):
-    validator_class: type[RoutingValidator] = OracleValidator
-
     def get_model(self, cfg=None, weights=None, verbose: bool = True):
         model = super().get_model(cfg, weights, verbose)
         for block in model.moe_blocks():  # the EMA deep-copies the model, hooks included
@@ -72,17 +70,12 @@ class OracleTrainer(MoEDetectionTrainer):
         set_oracle(batch, self.domains)
         return super().preprocess_batch(batch)
 
-    def get_validator(self) -> RoutingValidator:
-        return self.validator_class(
+    def get_validator(self) -> OracleValidator:
+        return OracleValidator(
             self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks, examples=0
         )
 
 
-def train(trainer_class: type[OracleTrainer]) -> None:
-    """`visionmoe train <command-line arguments>` (model visionmoe-yolo-n.yaml unless given) with `trainer_class`."""
-    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
-    trainer_class(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
-
-
 if __name__ == "__main__":
-    train(OracleTrainer)
+    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
+    OracleTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
