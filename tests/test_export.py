@@ -32,11 +32,11 @@ from visionmoe.nn.static import StaticExportError
 IMGSZ = 64
 BATCH = 4  # COCO8 has 4 val images
 ATOL = 1e-4
-CONFIGS = {  # (E, k) both ways, both router types, mean and max router inputs, the letterbox mask, renormalised gates
-    # and a shared expert
+CONFIGS = {  # (E, k) both ways, both router types, mean and max router inputs, the letterbox mask, renormalised gates,
+    # a shared expert, and routers that also read an earlier layer's map (router_context)
     "e4-top1": dict(experts=4, top_k=1, mask_letterbox=True),
     "e3-top2-mlp-shared": dict(experts=3, top_k=2, router="mlp", renormalize=True, shared_expert=True),
-    "e4-top1-calibrated": dict(experts=4, top_k=1, router_input="max"),
+    "e4-top1-calibrated": dict(experts=4, top_k=1, router_input="max", router_context=2),
     "vit": dict(model="visionmoe-vit.yaml"),  # token-routed MoE MLPs with fixed capacity
 }
 DENSE_CHECKED = "e3-top2-mlp-shared"  # the dense fallback export is checked on one config, to keep the suite short
@@ -90,7 +90,7 @@ def force_routing(model: torch.nn.Module, x: torch.Tensor, calibration: torch.Te
         seen = []
         # pooled inside the forward, where the router holds its letterbox mask
         handle = block.router.register_forward_pre_hook(
-            lambda m, a: seen.append(m.pool(a[0]) if a[0].dim() == 4 else a[0])
+            lambda m, a: seen.append(m.pool(*a) if a[0].dim() == 4 else a[0])
         )
         model(x)
         handle.remove()
@@ -262,8 +262,8 @@ def test_graph_is_static(exported):
 
 def test_unit_gates_leave_no_gate_arithmetic(exported):
     """Renormalized top-1 gates are exactly 1: a per-image router exports as its pooling (a mean, a max, or a mean
-    over the letterbox mask's cells), Gemm, Clip and TopK (the choice reads the logits, so no Softmax), and the block
-    multiplies no expert output by a gate."""
+    over the letterbox mask's cells; and the router_context map's statistics), Gemm, Clip and TopK (the choice reads
+    the logits, so no Softmax), and the block multiplies no expert output by a gate."""
     vm, path, name, _ = exported
     blocks = dict(vm.model.named_moe_blocks())
     if not all(b.routes_images and b.router.unit_gates for b in blocks.values()):
@@ -277,8 +277,13 @@ def test_unit_gates_leave_no_gate_arithmetic(exported):
         pooling = {"mean": {"ReduceMean"}, "max": {"ReduceMax"}}[settings.router_input]
         if settings.mask_letterbox:
             pooling = {"Mul", "ReduceSum", "Clip", "Div"}
+        # the router_context map's means and standard deviations are the same for every router, so the graph pools it
+        # once, in the first router; the others concatenate that result
+        statistics = {"ReduceMean", "Sub", "Mul", "Add", "Sqrt", "Concat"}
+        context = statistics if settings.router_context is not None else set()
+        gate = {*pooling, "Gemm", "Clip", "TopK"}
         # the mask's MaxPool to a stride is exported once, in the first block at that stride
-        assert router - {"MaxPool"} == {*pooling, "Gemm", "Clip", "TopK"}, (block, router)
+        assert gate <= router - {"MaxPool"} <= gate | context, (block, router)
         assert not own & {"Mul", "Div", "Softmax"}, (block, own)
 
 

@@ -68,6 +68,19 @@ def test_overrides_from_python_reach_every_block(capsys):
     assert active < total and gflops > 0
 
 
+def test_router_context_feeds_every_router_the_earlier_layers_map():
+    model = build_model("visionmoe-yolo-n.yaml", router_context=2, verbose=False).eval()
+    contexts, layer2 = [], []
+    for block in model.moe_blocks():
+        block.router.register_forward_pre_hook(lambda m, args: contexts.append(args[1]))
+    model.model[2].register_forward_hook(lambda m, args, output: layer2.append(output))
+    with torch.no_grad():
+        model(torch.rand(2, 3, 64, 64))
+    assert len(contexts) == len(model.moe_blocks()) == 6 and all(c is layer2[0] for c in contexts)
+    dense = build_model("visionmoe-yolo-n.yaml", verbose=False)
+    assert active_gflops(model, 128) < 1.001 * active_gflops(dense, 128)  # a mean and std per context channel
+
+
 def test_yaml_moe_section_is_read(tmp_path):
     cfg = YAML.load(models_dir() / "visionmoe-yolo.yaml")
     cfg["moe"].update(experts=3, top_k=2, router="mlp")
@@ -95,6 +108,9 @@ def test_scale_from_name():
         ({"router_init": "kmeans", "dense_warmup": 0.0}, "router_init='kmeans' needs"),
         ({"router_init": "kmeans", "router": "mlp"}, "router_init='kmeans' needs"),
         ({"mask_letterbox": True, "router_input": "max"}, "mask_letterbox=True needs router_input='mean'"),
+        ({"router_context": -1}, "router_context=-1, use the index"),
+        ({"router_context": 6}, "router_context=6 must name a layer before the first per-image MoE block \\(layer 6"),
+        ({"router_context": 2, "router_init": "kmeans", "dense_warmup": 0.5}, "router_context needs router_init"),
     ],
 )
 def test_impossible_settings_fail_with_one_line(overrides, message):

@@ -144,6 +144,23 @@ def test_max_router_input_ignores_a_flat_border_that_moves_the_mean():
     assert not torch.allclose(by_input["mean"].pool(bordered), by_input["mean"].pool(x), atol=0.1)
 
 
+def test_router_context_adds_an_earlier_maps_statistics_to_the_router_input():
+    from visionmoe.nn import MoESettings, Router
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.rand(2, 8, 4, 4, generator=g)
+    context = torch.rand(2, 3, 16, 16, generator=g)
+    router = Router(8, MoESettings(), context_channels=3)
+    pooled = router.pool(features, context)
+    assert pooled.shape == (2, 8 + 2 * 3) and router.gate[0].in_features == 14
+    torch.testing.assert_close(pooled[:, :8], features.mean((2, 3)))
+    torch.testing.assert_close(pooled[:, 8:11], context.mean((2, 3)))
+    torch.testing.assert_close(pooled[:, 11:], context.std((2, 3), correction=0), atol=1e-5, rtol=0)
+    # a blurred context (same means, less fine detail) changes the logits although the block's features do not
+    blurred = context.mean((2, 3), keepdim=True) + 0.1 * (context - context.mean((2, 3), keepdim=True))
+    assert not torch.allclose(router.logits(features, context), router.logits(features, blurred))
+
+
 def test_letterbox_mask_pools_over_content_cells_only():
     from visionmoe.nn import MoESettings, Router
     from visionmoe.nn.tasks import LETTERBOX_FILL, letterbox_content

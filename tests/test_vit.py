@@ -458,6 +458,7 @@ def test_moe_c2psa_in_a_yolo_yaml(tmp_path):
         ("visionmoe-yolo-n.yaml", {"capacity_factor": 1.25}, "capacity_factor apply to token-routed"),
         ("visionmoe-vit-t.yaml", {"dense_warmup": 0.3, "renormalize": True}, "applies to per-image MoE blocks"),
         ("visionmoe-vit-t.yaml", {"router_input": "mean_std"}, "routes only tokens"),
+        ("visionmoe-vit-t.yaml", {"router_context": 2}, "routes only tokens"),
     ],
 )
 def test_bad_settings_fail_with_one_line(model, overrides, message):

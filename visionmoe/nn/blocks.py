@@ -135,7 +135,8 @@ class MoEC3k2(MoEBlock):
     """C3k2 whose bottleneck chain becomes E experts, k of them chosen per image by a router on the block's features.
 
     x [B, c1, H, W] -> cv1 -> split (a, b); h = sum_j gate_j * expert_j(b) (+ shared(b)); cv2(cat(a, b, h))
-    -> [B, c2, H, W]. The input and output convs stay dense, so at k=1 the block costs what C3k2 costs.
+    -> [B, c2, H, W]. The input and output convs stay dense, so at k=1 the block costs what C3k2 costs. Under
+    `router_context` the block's input is [x, context], an earlier layer's map that the router reads beside b.
     """
 
     dense = C3k2
@@ -151,8 +152,11 @@ class MoEC3k2(MoEBlock):
         self.shared = shared
 
     @classmethod
-    def from_dense(cls, block: C3k2, settings: MoESettings, upcycle: bool = False) -> MoEC3k2:
-        """Build from a dense C3k2, reusing its convs; experts copy its bottlenecks (upcycle) or start fresh."""
+    def from_dense(
+        cls, block: C3k2, settings: MoESettings, upcycle: bool = False, context_channels: int = 0
+    ) -> MoEC3k2:
+        """Build from a dense C3k2, reusing its convs; experts copy its bottlenecks (upcycle) or start fresh.
+        context_channels: channels of the `router_context` map the router also reads (0: none)."""
 
         def expert() -> BottleneckStack:
             blocks = deepcopy(block.m)
@@ -160,7 +164,7 @@ class MoEC3k2(MoEBlock):
 
         experts = [expert() for _ in range(settings.experts)]
         shared = expert() if settings.shared_expert else None
-        return cls(block.cv1, block.cv2, experts, Router(block.c, settings), shared)
+        return cls(block.cv1, block.cv2, experts, Router(block.c, settings, context_channels), shared)
 
     def static_experts_form(self, dispatch: Dispatch) -> GatheredExperts | BranchExperts:
         """BN-folded experts: stacked, as a grouped conv per layer ('gather'), or one module each ('branch')."""
@@ -171,13 +175,14 @@ class MoEC3k2(MoEBlock):
         """Hidden channels: each half of cv1's output."""
         return self.cv1.conv.out_channels // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        x, context = x if isinstance(x, list) else (x, None)
         a, b = self.cv1(x).split((self.c, self.c), 1)  # constant sizes keep traced graphs static, as C2f.forward_split
         if self.tied:  # one expert for all; the router idles, unless domain routing teaches it already
-            self.routing = None if self.assigned is None else assign(self.router(b), self.assigned)
+            self.routing = None if self.assigned is None else assign(self.router(b, context), self.assigned)
             h = self.experts[0](b)
         else:
-            self.routing = self.router(b)
+            self.routing = self.router(b, context)
             if self.assigned is not None:  # domain routing in training (MoEModel.loss)
                 self.routing = assign(self.routing, self.assigned)
             h = self.mixture(b, self.experts, self.routing)

@@ -14,15 +14,17 @@ class Router(nn.Module):
     """Gate over E experts, run in fp32 whatever the model's precision.
 
     Per image: x [B, C, H, W] is pooled to its channel means [B, C] (with `router_input='mean_std'`, also their
-    standard deviations, [B, 2C]; with 'max', channel maxima [B, C]), giving logits [B, E]. Per token: x [B, T, C]
-    gives logits [B, T, E].
+    standard deviations, [B, 2C]; with 'max', channel maxima [B, C]), giving logits [B, E]. With `router_context`,
+    the means and standard deviations of an earlier layer's map context [B, C0, H0, W0] join them ([B, 2 C0] more).
+    Per token: x [B, T, C] gives logits [B, T, E].
     """
 
     pool_std = False  # class defaults: routers pickled before router_input existed read means only
     pool_max = False
+    context_channels = 0  # and before router_context existed, their block's features only
     content: torch.Tensor | None = None  # [B, 1, H0, W0] image cells that are not letterbox fill, set per forward
 
-    def __init__(self, channels: int, settings: MoESettings):
+    def __init__(self, channels: int, settings: MoESettings, context_channels: int = 0):
         super().__init__()
         self.num_experts = settings.experts
         self.top_k = settings.top_k
@@ -31,7 +33,8 @@ class Router(nn.Module):
         e = settings.experts
         self.pool_std = settings.router_input == "mean_std"
         self.pool_max = settings.router_input == "max"
-        c = channels * (2 if self.pool_std else 1)
+        self.context_channels = context_channels
+        c = channels * (2 if self.pool_std else 1) + 2 * context_channels
         layers = [nn.Linear(c, e)] if settings.router == "linear" else [nn.Linear(c, c), nn.SiLU(), nn.Linear(c, e)]
         self.gate = nn.Sequential(*layers)
         self.label = "router"  # the owning block's module name, set by build_model; names it in errors
@@ -51,24 +54,28 @@ class Router(nn.Module):
         self.noise_step += 1
         return torch.Generator(device).manual_seed(self.noise_seed * 1_000_003 + step)
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> fp32 [B, C] channel means or maxima, or [B, 2C] means and standard deviations."""
-        if self.pool_max:
-            return x.amax((2, 3)).float()
+    def pool(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, H, W] -> fp32 [B, C] channel means or maxima, or [B, 2C] means and standard deviations; with a
+        context map [B, C0, H0, W0], its channel means and standard deviations [B, 2 C0] follow."""
+        pooled = x.amax((2, 3)).float() if self.pool_max else self._mean_std(x, self.pool_std)
+        return pooled if context is None else torch.cat((pooled, self._mean_std(context, True)), 1)
+
+    def _mean_std(self, x: torch.Tensor, std: bool) -> torch.Tensor:
+        """[B, C, H, W] -> fp32 [B, C] means, and with std [B, 2C] means and standard deviations."""
         if self.content is not None:  # mean over content cells only (`MoEModel.mask_letterbox`)
             h0, w0 = self.content.shape[-2:]
             cells = F.max_pool2d(self.content, (h0 // x.shape[-2], w0 // x.shape[-1]), ceil_mode=True)
             mean = (x * cells).sum((2, 3)).float() / cells.sum((2, 3)).clamp(min=1).float()
         else:
             mean = x.mean((2, 3)).float()
-        if not self.pool_std:
+        if not std:
             return mean
-        std = (x.float() - mean[..., None, None]).square().mean((2, 3)).add(1e-6).sqrt()  # eps: finite gradient
-        return torch.cat((mean, std), 1)
+        deviation = (x.float() - mean[..., None, None]).square().mean((2, 3)).add(1e-6).sqrt()  # eps: finite gradient
+        return torch.cat((mean, deviation), 1)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] or [B, T, C] -> fp32 logits [B, E] or [B, T, E]."""
-        h = self.pool(x) if x.dim() == 4 else x.float()
+    def logits(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, H, W] (and context [B, C0, H0, W0]) or [B, T, C] -> fp32 logits [B, E] or [B, T, E]."""
+        h = self.pool(x, context) if x.dim() == 4 else x.float()
         # Weights are cast too: a model converted with .half() must still route in fp32, since low-precision
         # routers collapse onto a few experts.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -76,9 +83,9 @@ class Router(nn.Module):
                 h = F.linear(h, layer.weight.float(), layer.bias.float()) if isinstance(layer, nn.Linear) else layer(h)
         return h
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> Routing:
         """Route x; gate noise is applied in training only. Non-finite logits raise instead of yielding NaN boxes."""
-        logits = self.logits(x)
+        logits = self.logits(x, context)
         tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # exported graphs stay branch-free
         if not tracing and not torch.isfinite(logits).all():
             raise FloatingPointError(

@@ -24,6 +24,10 @@ class MoESettings:
             [B, C], or 'mean_std' [B, 2C], which adds each channel's spatial standard deviation, the texture and
             contrast statistics (noise, blur) that a mean averages away, or 'max' [B, C], each channel's spatial
             maximum, which a flat letterbox border barely moves (a mean shifts with the border's share of the image).
+        router_context: Index of an earlier layer (its row in the model YAML) whose output map every per-image router
+            also reads, pooled to channel means and standard deviations: fine detail such as blur or sensor noise,
+            which the block's own features at strides 8 to 32 average away (layer 2 of YOLO11 is at stride 4).
+            None: routers read their block's features only. Not with router_init='kmeans'.
         router_init: How per-image routers start when routing starts at the end of the dense warmup: 'random'
             (as built) or 'kmeans' (a nearest-centroid gate over E k-means clusters of the router's inputs on the
             un-augmented training images, `router_init.nearest_centroid_gate`). 'kmeans' needs a linear router and
@@ -62,6 +66,7 @@ class MoESettings:
     top_k: int = 1
     router: str = "linear"
     router_input: str = "mean"
+    router_context: int | None = None
     router_init: str = "random"
     mask_letterbox: bool = False
     shared_expert: bool = False
@@ -108,6 +113,12 @@ class MoESettings:
                 f"dense_warmup={self.dense_warmup} needs renormalize=True, so that the experts split from the tied "
                 "one compute what it did (chosen gates sum to 1); set renormalize=True or dense_warmup=0"
             )
+        if self.router_context is not None and (
+            not isinstance(self.router_context, int) or isinstance(self.router_context, bool) or self.router_context < 0
+        ):
+            fail(f"router_context={self.router_context!r}, use the index (>= 0) of a layer before the MoE blocks")
+        if self.router_context is not None and self.router_init == "kmeans":
+            fail("router_context needs router_init='random': the k-means start clusters the block's features only")
         if self.router_init == "kmeans" and (self.router != "linear" or not self.dense_warmup > 0):
             fail(
                 f"router_init='kmeans' needs router='linear' and dense_warmup > 0 (got router={self.router!r}, "

@@ -132,6 +132,7 @@ def _fit_routing_settings(settings: MoESettings, routes_tokens: bool, routes_ima
         per_image = (
             ("dense_warmup", 0),
             ("router_input", "mean"),
+            ("router_context", None),
             ("router_init", "random"),
             ("mask_letterbox", False),
             ("domain_loss", 0),
@@ -307,14 +308,41 @@ class MoEDetectionModel(MoEModel, DetectionModel):
         super().__init__(dense_yaml, ch=ch, nc=nc, verbose=False)
         self.yaml = {**moe_yaml, "nc": dense_yaml["nc"], "channels": dense_yaml["channels"]}
         settings = self.moe_settings
+        context = settings.router_context
+        context_channels = 0 if context is None else self._context_channels(context, blocks, ch)
         for i, block in blocks.items():
             dense = self.model[i]
-            moe = block.from_dense(dense, settings)
-            moe.i, moe.f, moe.type = dense.i, dense.f, block.__name__
+            reads_context = context is not None and getattr(block, "routes_images", False)
+            moe = block.from_dense(dense, settings, **({"context_channels": context_channels} if reads_context else {}))
+            moe.i, moe.f, moe.type = dense.i, [dense.f, context] if reads_context else dense.f, block.__name__
             moe.np = sum(p.numel() for p in moe.parameters())
             self.model[i] = moe
+        if context is not None:
+            self.save = sorted({*self.save, context})  # the forward keeps the context map for the blocks that read it
         if verbose:
             self.info()
+
+
+    def _context_channels(self, index: int, blocks: dict[int, type[nn.Module]], ch: int) -> int:
+        """Channels of the `router_context` layer's output map, from one small eval forward of the dense model."""
+        first = min(i for i, block in blocks.items() if getattr(block, "routes_images", False))
+        if index >= first:
+            raise ValueError(
+                f"invalid MoE setting: router_context={index} must name a layer before the first per-image MoE "
+                f"block (layer {first}), whose routers read it"
+            )
+        seen: list[Any] = []
+        hook = self.model[index].register_forward_hook(lambda module, inputs, output: seen.append(output))
+        was_training = self.training
+        try:
+            with torch.no_grad():
+                self.eval()._predict_once(torch.zeros(1, ch, 2 * int(self.stride.max()), 2 * int(self.stride.max())))
+        finally:
+            hook.remove()
+            self.train(was_training)
+        if not (isinstance(seen[0], torch.Tensor) and seen[0].dim() == 4):
+            raise ValueError(f"invalid MoE setting: router_context={index} names a layer without a feature map output")
+        return seen[0].shape[1]
 
 
 class MoEViTDetectionModel(MoEModel, DetectionModel):
