@@ -194,3 +194,11 @@ def test_domain_loss_is_the_cross_entropy_over_tagged_items_only():
     p = logits.softmax(-1)
     assert domain_loss(logits, experts).item() == pytest.approx(-(math.log(p[0, 1]) + math.log(p[2, 2])) / 2)
     assert domain_loss(logits, torch.full((3,), -1)).item() == 0.0
+
+
+def test_domain_loss_weighs_every_expert_present_alike():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [1.0, 0.5, 0.0], [0.3, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    experts = torch.tensor([0, 0, 0, 2])  # expert 0 has three images, expert 2 one: each half of the loss
+    ce = -logits.log_softmax(-1)
+    expected = (ce[0, 0] + ce[1, 0] + ce[2, 0]) / 3 / 2 + ce[3, 2] / 2
+    assert domain_loss(logits, experts).item() == pytest.approx(expected.item())

@@ -130,12 +130,21 @@ def assign(routing: Routing, experts: torch.Tensor) -> Routing:
 
 
 def domain_loss(logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of per-image router logits [N, E] with the expert of each image's domain [N] (-1: untagged,
-    ignored); 0 when no image is tagged."""
+    """Class-balanced cross-entropy of per-image router logits [N, E] with the expert of each image's domain [N]
+    (-1: untagged, ignored): the mean over the experts present of their images' mean cross-entropy; 0 when no image is
+    tagged.
+
+    Balanced, because a plain cross-entropy learns each expert's share of the images as a prior: an expert whose
+    domains are rare and hard to tell from a common one's (blur from clean) then wins no image at all.
+    """
     experts = experts.to(logits.device)
-    if not (experts >= 0).any():
+    tagged = experts >= 0
+    if not tagged.any():
         return logits.new_zeros(())
-    return torch.nn.functional.cross_entropy(logits.float(), experts, ignore_index=-1)
+    counts = torch.bincount(experts[tagged], minlength=logits.shape[-1]).float()
+    weight = torch.where(counts > 0, 1 / counts.clamp(min=1), 0.0) / (counts > 0).sum()  # sums to 1 over the images
+    ce = torch.nn.functional.cross_entropy(logits.float(), experts.clamp(min=0), reduction="none")
+    return (ce * weight[experts.clamp(min=0)] * tagged).sum()
 
 
 def expert_capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

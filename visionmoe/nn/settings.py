@@ -54,12 +54,13 @@ class MoESettings:
         freeze_expert_norm: After the dense warmup, the experts' BatchNorms normalise with the running statistics the
             tied expert gathered over full batches, in training as in eval, instead of the statistics of the few
             images routed to them (scale and shift still train). Needs dense_warmup > 0.
-        domain_loss: Weight of each per-image router's cross-entropy with the expert of the image's domain
-            (DAMEX-style domain routing, for data sets merged from sources that differ in look or labelling). When
-            > 0, training routes every tagged image to its domain's expert and teaches the routers to predict it,
-            from the first epoch (during a dense warmup the routers learn while one expert computes); validation and
-            prediction route from the pixels alone. Needs domain tags in the data (`domains:`, see
-            `analysis.domains.domain_experts` for how domains map to experts), top_k=1 and renormalize=True.
+        domain_loss: Weight of each per-image router's class-balanced cross-entropy with the expert of the image's
+            domain (DAMEX-style domain routing, for data sets merged from sources that differ in look or labelling;
+            `routing.domain_loss`). When > 0, training routes every tagged image to its domain's expert and teaches
+            the routers to predict it, from the first epoch (during a dense warmup the routers learn while one expert
+            computes); validation and prediction route from the pixels alone. Needs domain tags in the data
+            (`domains:`, see `analysis.domains.domain_experts` for how domains map to experts), top_k=1 and
+            renormalize=True.
     """
 
     experts: int = 4
