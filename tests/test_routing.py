@@ -202,3 +202,9 @@ def test_domain_loss_weighs_every_expert_present_alike():
     ce = -logits.log_softmax(-1)
     expected = (ce[0, 0] + ce[1, 0] + ce[2, 0]) / 3 / 2 + ce[3, 2] / 2
     assert domain_loss(logits, experts).item() == pytest.approx(expected.item())
+
+
+def test_tied_logits_go_to_the_lower_expert_as_in_onnx_topk():
+    logits = torch.tensor([[40.0, 45.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]])  # row 0 ties at the clamp (30)
+    assert route(logits, top_k=1).indices[:, 0].tolist() == [0, 1]
+    assert route(logits, top_k=2).indices.tolist() == [[0, 1], [1, 2]]

@@ -59,7 +59,12 @@ def route(
     probs = noisy.softmax(-1)
     # The choice reads the logits, not the softmax: the same order, and an exported graph whose gates go unused
     # (renormalized top-1, see `Router.unit_gates`) keeps no Softmax.
-    indices = noisy.topk(top_k, dim=-1).indices
+    # Equal logits (e.g. two at the clamp) go to the lower expert index, as ONNX TopK specifies; torch.topk leaves
+    # ties unordered, so eager inference takes a stable sort and would otherwise pick other experts than the export.
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        indices = noisy.topk(top_k, dim=-1).indices
+    else:
+        indices = noisy.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
     gates = probs.gather(-1, indices)
     if renormalize:
         # At k=1, p / p is 1 with a zero gradient: the task loss would never reach the router. Dividing by the
