@@ -322,7 +322,6 @@ class MoEDetectionModel(MoEModel, DetectionModel):
         if verbose:
             self.info()
 
-
     def _context_channels(self, index: int, blocks: dict[int, type[nn.Module]], ch: int) -> int:
         """Channels of the `router_context` layer's output map, from one small eval forward of the dense model."""
         first = min(i for i, block in blocks.items() if getattr(block, "routes_images", False))
