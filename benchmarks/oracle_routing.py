@@ -78,4 +78,5 @@ class OracleTrainer(MoEDetectionTrainer):
 
 if __name__ == "__main__":
     _, overrides, settings = parse_args(["train", *sys.argv[1:]])
-    OracleTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings}).train()
+    # domain_loss=0 unless given: these recipes were measured before domain_loss=auto became the default
+    OracleTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", "domain_loss": 0, **overrides, **settings}).train()

@@ -110,7 +110,6 @@ def test_scale_from_name():
         ({"mask_letterbox": True, "router_input": "max"}, "mask_letterbox=True needs router_input='mean'"),
         ({"router_context": -1}, "router_context=-1, use the index"),
         ({"router_context": 6}, "router_context=6 must name a layer before the first per-image MoE block \\(layer 6"),
-        ({"router_context": 2, "router_init": "kmeans", "dense_warmup": 0.5}, "router_context needs router_init"),
     ],
 )
 def test_impossible_settings_fail_with_one_line(overrides, message):

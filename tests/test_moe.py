@@ -185,6 +185,24 @@ def test_frozen_expert_norm_uses_running_statistics_in_training():
         MoESettings(freeze_expert_norm=True, renormalize=True)
 
 
+def test_domain_loss_auto_routes_by_domain_only_where_the_data_and_the_model_allow():
+    from visionmoe.nn.settings import AUTO_DOMAIN_LOSS, resolve_domain_loss
+    from visionmoe.nn.tasks import build_model
+
+    assert MoESettings().domain_loss == "auto"
+    assert build_model("visionmoe-yolo-n.yaml", verbose=False, top_k=2).moe_settings.domain_loss == "auto"
+    fits = MoESettings(renormalize=True)
+    assert resolve_domain_loss(fits, tagged=True).domain_loss == AUTO_DOMAIN_LOSS
+    assert resolve_domain_loss(fits, tagged=False).domain_loss == 0
+    assert resolve_domain_loss(MoESettings(experts=4, top_k=2, renormalize=True), tagged=True).domain_loss == 0
+    assert resolve_domain_loss(MoESettings(renormalize=False), tagged=True).domain_loss == 0
+    # a number stays: on untagged data the trainer refuses it (tests/test_trainer.py)
+    assert resolve_domain_loss(MoESettings(domain_loss=0.3, renormalize=True), tagged=False).domain_loss == 0.3
+    assert build_model("visionmoe-vit-t.yaml", verbose=False).moe_settings.domain_loss == 0  # routes tokens only
+    with pytest.raises(ValueError, match="domain_loss='always', use a number >= 0 or 'auto'"):
+        MoESettings(domain_loss="always")
+
+
 def test_domain_routing_sends_tagged_training_images_to_their_expert_and_teaches_the_routers():
     from types import SimpleNamespace
 

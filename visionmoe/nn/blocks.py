@@ -175,6 +175,11 @@ class MoEC3k2(MoEBlock):
         """Hidden channels: each half of cv1's output."""
         return self.cv1.conv.out_channels // 2
 
+    def router_input(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """What the router reads for the block input x (or [x, context]): pooled features [B, D] (`Router.pool`)."""
+        x, context = x if isinstance(x, list) else (x, None)
+        return self.router.pool(self.cv1(x).split((self.c, self.c), 1)[1], context)
+
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         x, context = x if isinstance(x, list) else (x, None)
         a, b = self.cv1(x).split((self.c, self.c), 1)  # constant sizes keep traced graphs static, as C2f.forward_split

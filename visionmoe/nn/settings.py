@@ -27,7 +27,7 @@ class MoESettings:
         router_context: Index of an earlier layer (its row in the model YAML) whose output map every per-image router
             also reads, pooled to channel means and standard deviations: fine detail such as blur or sensor noise,
             which the block's own features at strides 8 to 32 average away (layer 2 of YOLO11 is at stride 4).
-            None: routers read their block's features only. Not with router_init='kmeans'.
+            None: routers read their block's features only.
         router_init: How per-image routers start when routing starts at the end of the dense warmup: 'random'
             (as built) or 'kmeans' (a nearest-centroid gate over E k-means clusters of the router's inputs on the
             un-augmented training images, `router_init.nearest_centroid_gate`). 'kmeans' needs a linear router and
@@ -60,7 +60,8 @@ class MoESettings:
             the routers to predict it, from the first epoch (during a dense warmup the routers learn while one expert
             computes); validation and prediction route from the pixels alone. Needs domain tags in the data
             (`domains:`, see `analysis.domains.domain_experts` for how domains map to experts), top_k=1 and
-            renormalize=True.
+            renormalize=True. 'auto': the trainer uses AUTO_DOMAIN_LOSS where the data tags domains and the model
+            fits (per-image blocks, top_k=1, renormalize=True), and 0 elsewhere (`resolve_domain_loss`).
     """
 
     experts: int = 4
@@ -80,7 +81,7 @@ class MoESettings:
     bpr: bool = False
     dense_warmup: float = 0.0
     freeze_expert_norm: bool = False
-    domain_loss: float = 0.0
+    domain_loss: float | str = "auto"
 
     def __post_init__(self) -> None:
         def fail(problem: str) -> None:
@@ -103,8 +104,10 @@ class MoESettings:
             fail(f"mask_letterbox=True needs router_input='mean' (got {self.router_input!r})")
         for name in ("noise", "balance_loss", "z_loss", "mi_loss", "domain_loss"):
             value = getattr(self, name)
+            if name == "domain_loss" and value == "auto":
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                fail(f"{name}={value!r}, use a number >= 0")
+                fail(f"{name}={value!r}, use a number >= 0" + (" or 'auto'" if name == "domain_loss" else ""))
         if not isinstance(self.dense_warmup, (int, float)) or isinstance(self.dense_warmup, bool) or not (
             0 <= self.dense_warmup < 1
         ):
@@ -118,14 +121,12 @@ class MoESettings:
             not isinstance(self.router_context, int) or isinstance(self.router_context, bool) or self.router_context < 0
         ):
             fail(f"router_context={self.router_context!r}, use the index (>= 0) of a layer before the MoE blocks")
-        if self.router_context is not None and self.router_init == "kmeans":
-            fail("router_context needs router_init='random': the k-means start clusters the block's features only")
         if self.router_init == "kmeans" and (self.router != "linear" or not self.dense_warmup > 0):
             fail(
                 f"router_init='kmeans' needs router='linear' and dense_warmup > 0 (got router={self.router!r}, "
                 f"dense_warmup={self.dense_warmup}): the clusters are fitted when the warmup ends"
             )
-        if self.domain_loss > 0 and (self.top_k != 1 or not self.renormalize):
+        if self.domain_loss != "auto" and self.domain_loss > 0 and (self.top_k != 1 or not self.renormalize):
             fail(
                 f"domain_loss={self.domain_loss} needs top_k=1 and renormalize=True (got top_k={self.top_k}, "
                 f"renormalize={self.renormalize}): each image runs its domain's one expert with gate 1"
@@ -165,6 +166,19 @@ class MoESettings:
         if d["capacity_factor"] is not None:
             d["capacity_factor"] = list(d["capacity_factor"])
         return d
+
+
+AUTO_DOMAIN_LOSS = 0.1  # the weight domain_loss='auto' takes on tagged data (benchmarks/results/recipe.md, stops 25-27)
+
+
+def resolve_domain_loss(settings: MoESettings, tagged: bool) -> MoESettings:
+    """`settings` with domain_loss='auto' made a number for data that does (`tagged`) or does not tag domains:
+    AUTO_DOMAIN_LOSS where the routers can take one domain expert per image (top_k=1, renormalize=True), else 0.
+    Numbers stay as they are; token-only models never keep 'auto' (`tasks._fit_routing_settings`)."""
+    if settings.domain_loss != "auto":
+        return settings
+    fits = tagged and settings.top_k == 1 and settings.renormalize
+    return settings.replace(domain_loss=AUTO_DOMAIN_LOSS if fits else 0.0)
 
 
 def check_keys(values: dict[str, Any], source: str) -> None:

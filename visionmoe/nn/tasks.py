@@ -129,6 +129,8 @@ def _fit_routing_settings(settings: MoESettings, routes_tokens: bool, routes_ima
     """Token-routed models get the default capacity factors if they set none; settings of one routing kind are
     refused by a model without a layer of that kind, which would ignore them."""
     if not routes_images:
+        if settings.domain_loss == "auto":
+            settings = settings.replace(domain_loss=0.0)  # no per-image router to route by domain
         per_image = (
             ("dense_warmup", 0),
             ("router_input", "mean"),

@@ -22,7 +22,7 @@ from ...analysis.validator import RoutingValidator
 from ...data import find_data_yaml
 from ...nn.capacity import reset_capacity, token_routed_layers
 from ...nn.router_init import nearest_centroid_gate
-from ...nn.settings import MoESettings, check_keys, pop_moe_overrides
+from ...nn.settings import MoESettings, check_keys, pop_moe_overrides, resolve_domain_loss
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
 from ...nn.upcycle import upcycle
 from ...utils import is_image_file, partial_path, readable_image, replaced_atomically, use_allowed_cpus
@@ -142,7 +142,14 @@ class MoEDetectionTrainer(DetectionTrainer):
             cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, **self.moe_overrides
         )
         model = self.set_model_names_for_load(model)
-        self.domain_expert_of = domain_routing(model.moe_settings, self.data)
+        auto = model.moe_settings.domain_loss == "auto"
+        settings, self.domain_expert_of = domain_routing(model.moe_settings, self.data)
+        model.yaml["moe"] = settings.to_dict()  # checkpoints record the weight training used
+        if auto and self.domain_expert_of and verbose:
+            LOGGER.info(
+                f"domain routing: domain_loss=auto -> {settings.domain_loss} for the {len(self.domain_expert_of)} "
+                "images the data tags (routers learn each image's domain expert; domain_loss=0 turns it off)"
+            )
         if isinstance(weights, MoEModel):
             model.load(weights)
             reset_capacity(model)  # calibration fitted the loaded weights' routing, which training changes
@@ -175,18 +182,20 @@ def use_fast_kernels(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def domain_routing(settings: MoESettings, data: dict[str, Any]) -> dict[str, int] | None:
-    """{image stem: expert} of every tagged image for domain routing, or None when `domain_loss` is 0."""
+def domain_routing(settings: MoESettings, data: dict[str, Any]) -> tuple[MoESettings, dict[str, int] | None]:
+    """`settings` with domain_loss='auto' resolved for `data` (`resolve_domain_loss`), and {image stem: expert} of
+    every tagged image for domain routing, or None when the resolved `domain_loss` is 0."""
+    tags = load_domains(data) if settings.domain_loss else None
+    settings = resolve_domain_loss(settings, tagged=bool(tags))
     if not settings.domain_loss:
-        return None
-    tags = load_domains(data)
+        return settings, None
     if not tags:
         raise ValueError(
             f"domain_loss={settings.domain_loss} needs per-image domain tags, and {data.get('yaml_file', 'the data')} "
             "has none: add `domains:` (a CSV of image,domain rows) to the data YAML, or set domain_loss=0"
         )
     experts = domain_experts(data, tags, settings.experts)
-    return {stem: experts[domain] for stem, domain in tags.items()}
+    return settings, {stem: experts[domain] for stem, domain in tags.items()}
 
 
 def drop_epochs_after(path: Path, epoch: int) -> None:
@@ -295,7 +304,7 @@ def _fit_routers_to_clusters(trainer: MoEDetectionTrainer) -> None:
     blocks = [block for block in model.moe_blocks() if block.tied]
     features: list[list[torch.Tensor]] = [[] for _ in blocks]
     hooks = [
-        block.experts[0].register_forward_pre_hook(lambda _, inputs, f=f, b=block: f.append(b.router.pool(inputs[0])))
+        block.register_forward_pre_hook(lambda b, inputs, f=f: f.append(b.router_input(inputs[0])))
         for f, block in zip(features, blocks)
     ]
     loader = unaugmented_train_loader(trainer)
