@@ -108,7 +108,7 @@ def test_scale_from_name():
         ({"router_init": "kmeans", "dense_warmup": 0.0}, "router_init='kmeans' needs"),
         ({"router_init": "kmeans", "router": "mlp"}, "router_init='kmeans' needs"),
         ({"mask_letterbox": True, "router_input": "max"}, "mask_letterbox=True needs router_input='mean'"),
-        ({"router_context": -1}, "router_context=-1, use the index"),
+        ({"router_context": -1}, "router_context=-1, use a layer index"),
         ({"router_context": 6}, "router_context=6 must name a layer before the first per-image MoE block \\(layer 6"),
     ],
 )

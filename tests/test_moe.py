@@ -189,8 +189,15 @@ def test_domain_loss_auto_routes_by_domain_only_where_the_data_and_the_model_all
     from visionmoe.nn.settings import AUTO_DOMAIN_LOSS, resolve_domain_loss
     from visionmoe.nn.tasks import build_model
 
+    from visionmoe.nn.routing import domain_loss
+
     assert MoESettings().domain_loss == "auto"
     assert build_model("visionmoe-yolo-n.yaml", verbose=False, top_k=2).moe_settings.domain_loss == "auto"
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False).train()  # auto: the trainer passes domain experts
+    model(torch.rand(2, 3, 64, 64))  # only where the data tags domains, and the routers then learn them
+    experts = torch.tensor([1, 3])
+    ce = sum(domain_loss(block.routing.logits, experts) for block in model.moe_blocks())
+    torch.testing.assert_close(model.aux_loss(experts) - model.aux_loss(), AUTO_DOMAIN_LOSS * ce)
     fits = MoESettings(renormalize=True)
     assert resolve_domain_loss(fits, tagged=True).domain_loss == AUTO_DOMAIN_LOSS
     assert resolve_domain_loss(fits, tagged=False).domain_loss == 0

@@ -129,8 +129,6 @@ def test_domain_loss_routes_each_training_image_to_its_domain_expert(tmp_path, c
     from ultralytics.data.utils import check_det_dataset
     from ultralytics.utils import YAML
 
-    from visionmoe.nn.settings import AUTO_DOMAIN_LOSS
-
     with pytest.raises(ValueError, match="domain_loss=0.1 needs per-image domain tags"):
         MoEDetectionTrainer(overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml", "domain_loss": 0.1,
                                        "project": str(tmp_path / "untagged")})  # fmt: skip
@@ -144,14 +142,14 @@ def test_domain_loss_routes_each_training_image_to_its_domain_expert(tmp_path, c
                    "batch": 4, "nbs": 4, "workers": 0, "optimizer": "AdamW", "project": str(tmp_path),
                    "name": "domains", "dense_warmup": 0.5, "domain_loss": 0.1, "plots": False}
     )  # fmt: skip
-    # the default, domain_loss=auto, takes the tags as well, and the checkpoint records the weight it used
+    # the default, domain_loss=auto, routes by the tags as well, and ignores data without tags
     auto = MoEDetectionTrainer(overrides={"model": "visionmoe-yolo-n.yaml", "data": str(data), "device": "cpu",
                                           "project": str(tmp_path), "name": "auto"})  # fmt: skip
-    assert auto.get_model("visionmoe-yolo-n.yaml", verbose=False).moe_settings.domain_loss == AUTO_DOMAIN_LOSS
+    assert auto.get_model("visionmoe-yolo-n.yaml", verbose=False).moe_settings.domain_loss == "auto"
     assert auto.domain_expert_of == trainer.domain_expert_of and len(trainer.domain_expert_of) == 4
-    untagged = MoEDetectionTrainer(overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml",
-                                              "device": "cpu", "project": str(tmp_path), "name": "untagged"})  # fmt: skip
-    assert untagged.get_model("visionmoe-yolo-n.yaml", verbose=False).moe_settings.domain_loss == 0
+    untagged = MoEDetectionTrainer(overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml", "device": "cpu",
+                                              "project": str(tmp_path), "name": "plain"})  # fmt: skip
+    untagged.get_model("visionmoe-yolo-n.yaml", verbose=False)
     assert untagged.domain_expert_of is None
     routers = []  # the first block's router bias when each epoch starts
 

@@ -60,8 +60,9 @@ class MoESettings:
             the routers to predict it, from the first epoch (during a dense warmup the routers learn while one expert
             computes); validation and prediction route from the pixels alone. Needs domain tags in the data
             (`domains:`, see `analysis.domains.domain_experts` for how domains map to experts), top_k=1 and
-            renormalize=True. 'auto': the trainer uses AUTO_DOMAIN_LOSS where the data tags domains and the model
-            fits (per-image blocks, top_k=1, renormalize=True), and 0 elsewhere (`resolve_domain_loss`).
+            renormalize=True. 'auto' (kept as such in checkpoints, so that a model trained on tagged data fine-tunes
+            on untagged data): AUTO_DOMAIN_LOSS where the data tags domains and the model fits (per-image blocks,
+            top_k=1, renormalize=True), and 0 elsewhere (`resolve_domain_loss`).
     """
 
     experts: int = 4
@@ -120,7 +121,7 @@ class MoESettings:
         if self.router_context is not None and (
             not isinstance(self.router_context, int) or isinstance(self.router_context, bool) or self.router_context < 0
         ):
-            fail(f"router_context={self.router_context!r}, use the index (>= 0) of a layer before the MoE blocks")
+            fail(f"router_context={self.router_context!r}, use a layer index (>= 0) before the MoE blocks, or None")
         if self.router_init == "kmeans" and (self.router != "linear" or not self.dense_warmup > 0):
             fail(
                 f"router_init='kmeans' needs router='linear' and dense_warmup > 0 (got router={self.router!r}, "

@@ -25,7 +25,7 @@ from ..utils import packaged_dir
 from ..utils.flops import active_gflops
 from .blocks import MOE_BLOCKS, TOKEN_ROUTED, MoEBlock
 from .routing import aux_loss, domain_loss
-from .settings import DEFAULT_CAPACITY_FACTOR, MoESettings
+from .settings import DEFAULT_CAPACITY_FACTOR, MoESettings, resolve_domain_loss
 from .vit import SimpleFeaturePyramid, ViT, moe_block_indices
 
 MODEL_KEYS = frozenset(
@@ -241,8 +241,9 @@ class MoEModel:
         s = self.moe_settings
         blocks = [m for m in self.moe_blocks() if m.routing is not None]
         losses = [aux_loss(m.routing, s.balance_loss, s.z_loss, s.mi_loss) for m in blocks]
-        if domain_experts is not None and s.domain_loss:
-            losses += [s.domain_loss * domain_loss(m.routing.logits, domain_experts) for m in blocks if m.routes_images]
+        weight = resolve_domain_loss(s, tagged=True).domain_loss if domain_experts is not None else 0
+        if weight:
+            losses += [weight * domain_loss(m.routing.logits, domain_experts) for m in blocks if m.routes_images]
         return sum(losses) if losses else next(self.parameters()).new_zeros(())  # all blocks tied: no router ran
 
     def loss(self, batch: dict[str, Any], preds: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -142,13 +142,12 @@ class MoEDetectionTrainer(DetectionTrainer):
             cfg, nc=self.data["nc"], ch=self.data["channels"], verbose=verbose and RANK == -1, **self.moe_overrides
         )
         model = self.set_model_names_for_load(model)
-        auto = model.moe_settings.domain_loss == "auto"
-        settings, self.domain_expert_of = domain_routing(model.moe_settings, self.data)
-        model.yaml["moe"] = settings.to_dict()  # checkpoints record the weight training used
-        if auto and self.domain_expert_of and verbose:
+        settings = model.moe_settings
+        self.domain_expert_of = domain_routing(settings, self.data)
+        if settings.domain_loss == "auto" and self.domain_expert_of and verbose:
             LOGGER.info(
-                f"domain routing: domain_loss=auto -> {settings.domain_loss} for the {len(self.domain_expert_of)} "
-                "images the data tags (routers learn each image's domain expert; domain_loss=0 turns it off)"
+                f"domain routing: domain_loss=auto -> {resolve_domain_loss(settings, tagged=True).domain_loss} for "
+                f"the {len(self.domain_expert_of)} images the data tags (domain_loss=0 lets the routers learn alone)"
             )
         if isinstance(weights, MoEModel):
             model.load(weights)
@@ -182,20 +181,20 @@ def use_fast_kernels(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def domain_routing(settings: MoESettings, data: dict[str, Any]) -> tuple[MoESettings, dict[str, int] | None]:
-    """`settings` with domain_loss='auto' resolved for `data` (`resolve_domain_loss`), and {image stem: expert} of
-    every tagged image for domain routing, or None when the resolved `domain_loss` is 0."""
+def domain_routing(settings: MoESettings, data: dict[str, Any]) -> dict[str, int] | None:
+    """{image stem: expert} of every tagged image for domain routing, or None when `domain_loss` is 0 or resolves to
+    0 for `data` ('auto', see `resolve_domain_loss`)."""
     tags = load_domains(data) if settings.domain_loss else None
     settings = resolve_domain_loss(settings, tagged=bool(tags))
     if not settings.domain_loss:
-        return settings, None
+        return None
     if not tags:
         raise ValueError(
             f"domain_loss={settings.domain_loss} needs per-image domain tags, and {data.get('yaml_file', 'the data')} "
             "has none: add `domains:` (a CSV of image,domain rows) to the data YAML, or set domain_loss=0"
         )
     experts = domain_experts(data, tags, settings.experts)
-    return settings, {stem: experts[domain] for stem, domain in tags.items()}
+    return {stem: experts[domain] for stem, domain in tags.items()}
 
 
 def drop_epochs_after(path: Path, epoch: int) -> None:
