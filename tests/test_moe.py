@@ -186,10 +186,9 @@ def test_frozen_expert_norm_uses_running_statistics_in_training():
 
 
 def test_domain_loss_auto_routes_by_domain_only_where_the_data_and_the_model_allow():
+    from visionmoe.nn.routing import domain_loss
     from visionmoe.nn.settings import AUTO_DOMAIN_LOSS, resolve_domain_loss
     from visionmoe.nn.tasks import build_model
-
-    from visionmoe.nn.routing import domain_loss
 
     assert MoESettings().domain_loss == "auto"
     assert build_model("visionmoe-yolo-n.yaml", verbose=False, top_k=2).moe_settings.domain_loss == "auto"
