@@ -92,11 +92,16 @@ def segmented_mixture(block: MoEBlock, x: torch.Tensor, experts: Sequence[torch.
     return y.new_zeros((n, *y.shape[1:])).index_add(0, order // k, y)
 
 
+def _detached(x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """A block input (a map, or [map, router context]) cut from the graph that made it."""
+    return [t.detach() for t in x] if isinstance(x, list) else x.detach()
+
+
 def time_blocks(moe: torch.nn.Module, img: torch.Tensor, dispatches: list[str], rounds: int) -> None:
     """Median forward + backward of each MoE block on its own inputs: tied, each dispatch, and 'segmented'."""
     blocks = list(moe.moe_blocks())
     inputs: list[torch.Tensor] = []
-    hooks = [b.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach())) for b in blocks]
+    hooks = [b.register_forward_pre_hook(lambda _, args: inputs.append(_detached(args[0]))) for b in blocks]
     with torch.no_grad():
         moe(img)
     for hook in hooks:
@@ -115,10 +120,12 @@ def time_blocks(moe: torch.nn.Module, img: torch.Tensor, dispatches: list[str], 
     modes = ["tied", *dispatches] + (["segmented"] if hasattr(F, "grouped_mm") else [])  # torch >= 2.9
     totals = dict.fromkeys(modes, 0.0)
     for i, (block, x) in enumerate(zip(blocks, inputs)):
-        x.requires_grad_(True)
+        for t in x if isinstance(x, list) else [x]:
+            t.requires_grad_(True)
         ms = interleaved_median_ms({mode: (lambda mode=mode: step(block, x, mode)) for mode in modes}, rounds)
         counts = torch.bincount(block.routing.indices.flatten(), minlength=len(block.experts)).tolist()
-        print(f"{block.router.label:>9} {str(list(x.shape)):>18} images per expert {counts}: "
+        shape = list((x[0] if isinstance(x, list) else x).shape)
+        print(f"{block.router.label:>9} {str(shape):>18} images per expert {counts}: "
               + "  ".join(f"{mode} {value:6.2f}" for mode, value in ms.items()))  # fmt: skip
         for mode, value in ms.items():
             totals[mode] += value

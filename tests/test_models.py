@@ -11,6 +11,7 @@ from ultralytics.utils import YAML
 
 from visionmoe import VisionMoE
 from visionmoe.nn import MoEBlock, MoESettings, load_model_yaml
+from visionmoe.nn.router import Router
 from visionmoe.nn.tasks import build_model, models_dir
 from visionmoe.utils.flops import active_gflops
 
@@ -79,6 +80,35 @@ def test_router_context_feeds_every_router_the_earlier_layers_map():
     assert len(contexts) == len(model.moe_blocks()) == 6 and all(c is layer2[0] for c in contexts)
     dense = build_model("visionmoe-yolo-n.yaml", verbose=False)
     assert active_gflops(model, 128) < 1.001 * active_gflops(dense, 128)  # a mean and std per context channel
+
+
+def test_router_context_is_pooled_once_per_forward(monkeypatch):
+    """All routers share one pooling of the context map per forward and keep nothing of it afterwards. With
+    mask_letterbox, the constructor's forward (for the context's channels) runs before the MoE blocks exist, so this
+    also checks that the model's list of MoE blocks is not that of the dense layers."""
+    model = build_model("visionmoe-yolo-n.yaml", router_context=2, mask_letterbox=True, verbose=False).eval()
+    assert len(model.moe_blocks()) == 6
+    pooled_shapes, layer2 = [], []
+    mean_std = Router._mean_std
+    monkeypatch.setattr(Router, "_mean_std", lambda r, x, std: pooled_shapes.append(x.shape) or mean_std(r, x, std))
+    model.model[2].register_forward_hook(lambda m, args, output: layer2.append(output))
+    x = torch.rand(2, 3, 64, 64)
+    x[..., 48:] = 114 / 255  # a letterbox border: the routers average over the content cells
+    with torch.no_grad():
+        model(x)
+    assert pooled_shapes.count(layer2[0].shape) == 1 and len(pooled_shapes) == 1 + 6  # the context, then each block
+    assert all(b.router.shared_context is None and b.router.content is None for b in model.moe_blocks())
+
+
+def test_shared_router_context_gives_each_router_its_own_logits():
+    model = build_model("visionmoe-yolo-n.yaml", router_context=2, verbose=False).eval()
+    inputs = []
+    for block in model.moe_blocks():
+        block.router.register_forward_pre_hook(lambda m, args: inputs.append(args))
+    with torch.no_grad():
+        model(torch.rand(2, 3, 64, 64))
+        for block, (b, context) in zip(model.moe_blocks(), inputs):
+            torch.testing.assert_close(block.routing.logits, block.router.logits(b, context))  # pooled by itself
 
 
 def test_yaml_moe_section_is_read(tmp_path):

@@ -10,6 +10,22 @@ from .routing import Routing, route
 from .settings import MoESettings
 
 
+class SharedContext:
+    """The `router_context` map's channel means and standard deviations, pooled once per forward for every router
+    that reads it: every per-image router reads the same stride-4 map, and pooling it per router cost 12% of a
+    training step (forward and backward) at imgsz 128 on CPU."""
+
+    def __init__(self) -> None:
+        self.map: torch.Tensor | None = None
+        self.pooled: torch.Tensor | None = None
+
+    def __call__(self, router: Router, context: torch.Tensor) -> torch.Tensor:
+        """[B, C0, H0, W0] -> fp32 [B, 2 C0], as `router._mean_std(context, True)`, computed once per map."""
+        if self.map is not context:
+            self.map, self.pooled = context, router._mean_std(context, True)
+        return self.pooled
+
+
 class Router(nn.Module):
     """Gate over E experts, run in fp32 whatever the model's precision.
 
@@ -23,6 +39,7 @@ class Router(nn.Module):
     pool_max = False
     context_channels = 0  # and before router_context existed, their block's features only
     content: torch.Tensor | None = None  # [B, 1, H0, W0] image cells that are not letterbox fill, set per forward
+    shared_context: SharedContext | None = None  # the context map pooled once for all routers, set per forward
 
     def __init__(self, channels: int, settings: MoESettings, context_channels: int = 0):
         super().__init__()
@@ -58,7 +75,10 @@ class Router(nn.Module):
         """[B, C, H, W] -> fp32 [B, C] channel means or maxima, or [B, 2C] means and standard deviations; with a
         context map [B, C0, H0, W0], its channel means and standard deviations [B, 2 C0] follow."""
         pooled = x.amax((2, 3)).float() if self.pool_max else self._mean_std(x, self.pool_std)
-        return pooled if context is None else torch.cat((pooled, self._mean_std(context, True)), 1)
+        if context is None:
+            return pooled
+        shared = self.shared_context
+        return torch.cat((pooled, shared(self, context) if shared else self._mean_std(context, True)), 1)
 
     def _mean_std(self, x: torch.Tensor, std: bool) -> torch.Tensor:
         """[B, C, H, W] -> fp32 [B, C] means, and with std [B, 2C] means and standard deviations."""

@@ -24,6 +24,7 @@ from ultralytics.utils.torch_utils import initialize_weights
 from ..utils import packaged_dir
 from ..utils.flops import active_gflops
 from .blocks import MOE_BLOCKS, TOKEN_ROUTED, MoEBlock
+from .router import SharedContext
 from .routing import aux_loss, domain_loss
 from .settings import DEFAULT_CAPACITY_FACTOR, MoESettings, resolve_domain_loss
 from .vit import SimpleFeaturePyramid, ViT, moe_block_indices
@@ -215,25 +216,37 @@ class MoEModel:
         return MoESettings.from_dict(self.yaml["moe"])
 
     def named_moe_blocks(self) -> list[tuple[str, MoEBlock]]:
-        """(module name, block) of every MoE block, in forward order."""
-        return [(name, m) for name, m in self.named_modules() if isinstance(m, MoEBlock)]
+        """(module name, block) of every MoE block, in forward order.
+
+        Found once and kept: the training step asks several times per batch, and walking every module took ~0.8 ms
+        each time on CPU. Blocks are modified in place (tie, split, set_dispatch), never replaced, after the model's
+        constructor, which is the one place that swaps layers and calls `_forget_moe_blocks`.
+        """
+        if "_named_moe_blocks" not in self.__dict__:
+            self._named_moe_blocks = [(name, m) for name, m in self.named_modules() if isinstance(m, MoEBlock)]
+        return list(self._named_moe_blocks)
+
+    def _forget_moe_blocks(self) -> None:
+        self.__dict__.pop("_named_moe_blocks", None)
 
     def moe_blocks(self) -> list[MoEBlock]:
         """MoE blocks in forward order."""
         return [m for _, m in self.named_moe_blocks()]
 
     def _predict_once(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward; with `mask_letterbox`, per-image routers first get the input's content mask."""
+        """The base model's forward. Per-image routers first get the input's content mask (with `mask_letterbox`)
+        and one `SharedContext` (with `router_context`), so that the context map is pooled once for all of them."""
         masked = self.yaml["moe"].get("mask_letterbox", False)  # the validated settings dict: no rebuild per forward
-        routers = [b.router for b in self.moe_blocks() if b.routes_images] if masked else []
-        content = letterbox_content(x) if routers else None
+        routers = [b.router for b in self.moe_blocks() if b.routes_images]
+        content = letterbox_content(x) if masked and routers else None
+        shared = SharedContext() if any(router.context_channels for router in routers) else None
         for router in routers:
-            router.content = content
+            router.content, router.shared_context = content, shared
         try:
             return super()._predict_once(x, *args, **kwargs)
         finally:
             for router in routers:
-                router.content = None  # never kept in checkpoints or reused for another input
+                router.content = router.shared_context = None  # never kept in checkpoints or reused for another input
 
     def aux_loss(self, domain_experts: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over the MoE blocks that routed in the last forward pass of `alpha * balance + beta * z + gamma * mi`,
@@ -320,6 +333,7 @@ class MoEDetectionModel(MoEModel, DetectionModel):
             moe.i, moe.f, moe.type = dense.i, [dense.f, context] if reads_context else dense.f, block.__name__
             moe.np = sum(p.numel() for p in moe.parameters())
             self.model[i] = moe
+        self._forget_moe_blocks()  # a forward above (the context's channels) may have listed the dense layers
         if context is not None:
             self.save = sorted({*self.save, context})  # the forward keeps the context map for the blocks that read it
         if verbose:
