@@ -9,6 +9,11 @@ every model per round), so load from other processes hits all alike. Target (iss
     python benchmarks/train_step.py --profile batched   # torch.profiler table of one dispatch's step and the dense one
     python benchmarks/train_step.py --weights best.pt   # a trained MoE: balanced routing, as in training
     python benchmarks/train_step.py --weights best.pt --blocks   # each MoE block's forward + backward on its inputs
+    python benchmarks/train_step.py --tied --domain   # a dense-warmup step whose routers learn the images' domains
+
+`--tied` times the MoE during its dense warmup (one expert per block, as the default recipe's first 70% of epochs);
+`--domain` gives the batch each image's domain expert (image i -> expert i mod E), so that the routers train under
+`domain_loss` as they do on data that tags domains (the default on synth-shapes).
 
 `--blocks` times every MoE block alone: tied (expert 0 on every image, the dense block's cost), each dispatch, and
 `segmented`, a prototype that sorts the images by expert and runs each pointwise or small-map conv as one ragged
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                         choices=TRAIN_DISPATCHES, help="MoE training dispatches to time ('dense' runs every expert)")
     parser.add_argument("--profile", choices=TRAIN_DISPATCHES, help="profile this dispatch and the dense model")
     parser.add_argument("--blocks", action="store_true", help="time each MoE block alone (see above)")
+    parser.add_argument("--tied", action="store_true", help="tie every per-image MoE block (dense warmup)")
+    parser.add_argument("--domain", action="store_true", help="route and teach the routers by a domain per image")
     parser.add_argument("--weights", help="a trained MoE checkpoint, whose routers spread images as training does "
                         "(fresh routers send most images to one or two experts)")
     args = parser.parse_args(argv)  # fmt: skip
@@ -164,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         ).train()
     dense.args = moe.args = hyp
     batch = synth_batch(args.batch, args.imgsz)
+    if args.domain:
+        batch["domain_expert"] = torch.arange(args.batch) % moe.moe_settings.experts
+    if args.tied:
+        for block in moe.moe_blocks():
+            block.tie()
 
     if args.blocks:
         print(f"forward + backward per MoE block, ms, median of {args.rounds} interleaved rounds, "
@@ -189,8 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"dense": lambda: train_step(dense, batch)}
     steps.update({f"moe {d}": (lambda d=d: train_step(moe, batch, d)) for d in args.dispatches})
     ms = interleaved_median_ms(steps, args.rounds)
-    used = [len(block.routing.indices.unique()) for block in moe.moe_blocks()]
-    print(f"experts used per MoE block on this batch: {used}")
+    if args.tied:
+        print("MoE blocks tied (dense warmup): one expert computes per block"
+              + (", the routers learn the domains" if args.domain else ", the routers idle"))  # fmt: skip
+    else:
+        used = [len(block.routing.indices.unique()) for block in moe.moe_blocks()]
+        print(f"experts used per MoE block on this batch: {used}")
     print(f"train step: forward + loss + backward, visionmoe-yolo-{args.scale} (E={args.experts}, k={args.top_k}) vs "
           f"yolo11{args.scale}, imgsz {args.imgsz}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds")  # fmt: skip

@@ -161,6 +161,25 @@ def test_router_context_adds_an_earlier_maps_statistics_to_the_router_input():
     assert not torch.allclose(router.logits(features, context), router.logits(features, blurred))
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_router_trains_the_router_but_not_the_features_it_reads(detach):
+    from visionmoe.nn import MoESettings, Router
+    from visionmoe.nn.routing import domain_loss
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.rand(4, 8, 4, 4, generator=g, requires_grad=True)
+    context = torch.rand(4, 3, 16, 16, generator=g, requires_grad=True)
+    tokens = torch.rand(4, 5, 8, generator=g, requires_grad=True)
+    router = Router(8, MoESettings(detach_router=detach), context_channels=3)
+    logits = router.logits(features, context)
+    domain_loss(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert router.gate[0].weight.grad.abs().sum() > 0  # the router learns either way
+    assert (features.grad is None and context.grad is None) == detach  # the features only without detach_router
+    token_router = Router(8, MoESettings(detach_router=detach))
+    token_router.logits(tokens).square().sum().backward()
+    assert token_router.gate[0].weight.grad.abs().sum() > 0 and (tokens.grad is None) == detach
+
+
 def test_letterbox_mask_pools_over_content_cells_only():
     from visionmoe.nn import MoESettings, Router
     from visionmoe.nn.tasks import LETTERBOX_FILL, letterbox_content

@@ -38,6 +38,7 @@ class Router(nn.Module):
     pool_std = False  # class defaults: routers pickled before router_input existed read means only
     pool_max = False
     context_channels = 0  # and before router_context existed, their block's features only
+    detach_input = False  # and before detach_router existed, sent gradients into the features they read
     content: torch.Tensor | None = None  # [B, 1, H0, W0] image cells that are not letterbox fill, set per forward
     shared_context: SharedContext | None = None  # the context map pooled once for all routers, set per forward
 
@@ -51,6 +52,7 @@ class Router(nn.Module):
         self.pool_std = settings.router_input == "mean_std"
         self.pool_max = settings.router_input == "max"
         self.context_channels = context_channels
+        self.detach_input = settings.detach_router
         c = channels * (2 if self.pool_std else 1) + 2 * context_channels
         layers = [nn.Linear(c, e)] if settings.router == "linear" else [nn.Linear(c, c), nn.SiLU(), nn.Linear(c, e)]
         self.gate = nn.Sequential(*layers)
@@ -96,6 +98,8 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """[B, C, H, W] (and context [B, C0, H0, W0]) or [B, T, C] -> fp32 logits [B, E] or [B, T, E]."""
         h = self.pool(x, context) if x.dim() == 4 else x.float()
+        if self.detach_input:  # detach_router: the router learns from what it reads, without changing it
+            h = h.detach()
         # Weights are cast too: a model converted with .half() must still route in fp32, since low-precision
         # routers collapse onto a few experts.
         with torch.autocast(device_type=x.device.type, enabled=False):
