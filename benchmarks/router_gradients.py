@@ -1,0 +1,76 @@
+"""Prototype: where the routers' losses may send gradients, between the default and `detach_router=True`.
+
+    python benchmarks/router_gradients.py variant=warmup data=synth-shapes.yaml domain_loss=auto epochs=20 \
+        imgsz=128 batch=16 nbs=16 workers=1 seed=2 project=/tmp/exp/screen name=warmup_synth_s2
+
+Trains visionmoe-yolo-n (default recipe; `domain_loss=auto` must be given, since the prototype entry point turns it
+off by default) with every MoEC3k2 block's router changed as `variant` says:
+
+- `warmup`: the routers read detached features while the blocks are tied (the dense warmup), as under
+  `detach_router=True`, and send their gradients into the features once the experts split and routing starts;
+- `features`: the routers never train their own block's features, but do train the `router_context` map they all
+  read (YOLO11's stride-4 layer), so that one early map can learn to show the domains;
+- `context`: the other way round: the routers train their own block's features but not the shared context map.
+
+Why (benchmarks/results/recipe.md, stop 28): with the routers' gradients the MoE is ~0.025 mAP50-95 behind YOLO11n at
+the end of the dense warmup on synth-shapes; without them (`detach_router=True`) it is level there, but its routers
+route worse and lose more than half of the win on the conflict set.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from block_prototype import train_with_block
+
+from visionmoe.nn.blocks import MoEC3k2
+from visionmoe.nn.router import Router
+
+
+class WarmupDetachedMoEC3k2(MoEC3k2):
+    """Routers detached from the features while tied (dense warmup), attached once routing starts."""
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        self.router.detach_input = self.tied
+        return super().forward(x)
+
+
+class ContextOnlyRouter(Router):
+    """A router whose gradients reach the shared context map but not its own block's features."""
+
+    def pool(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return super().pool(x.detach(), context)
+
+
+class FeaturesOnlyRouter(Router):
+    """A router whose gradients reach its own block's features but not the shared context map."""
+
+    def pool(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = super().pool(x, context)
+        if context is None:
+            return pooled
+        own = pooled.shape[1] - 2 * context.shape[1]  # the context's means and standard deviations come last
+        return torch.cat((pooled[:, :own], pooled[:, own:].detach()), 1)
+
+
+def routers_as(router_class: type[Router]):
+    def prepare(blocks: list[MoEC3k2]) -> None:
+        for block in blocks:
+            block.router.__class__ = router_class
+
+    return prepare
+
+
+VARIANTS = {
+    "warmup": (WarmupDetachedMoEC3k2, None),
+    "features": (MoEC3k2, routers_as(ContextOnlyRouter)),
+    "context": (MoEC3k2, routers_as(FeaturesOnlyRouter)),
+}
+
+if __name__ == "__main__":
+    variant = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("variant=")), None)
+    if variant not in VARIANTS:
+        raise SystemExit(f"give variant=<{'|'.join(VARIANTS)}> (got {variant!r})")
+    sys.argv = [a for a in sys.argv if not a.startswith("variant=")]
+    train_with_block(*VARIANTS[variant])
