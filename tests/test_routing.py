@@ -180,6 +180,34 @@ def test_detach_router_trains_the_router_but_not_the_features_it_reads(detach):
     assert token_router.gate[0].weight.grad.abs().sum() > 0 and (tokens.grad is None) == detach
 
 
+def test_detach_router_warmup_detaches_only_while_tied():
+    from ultralytics.nn.modules import C3k2
+
+    from visionmoe.nn import MoESettings
+    from visionmoe.nn.blocks import MoEC3k2
+
+    settings = MoESettings(detach_router="warmup", dense_warmup=0.5, renormalize=True)
+    block = MoEC3k2.from_dense(C3k2(8, 8, n=1), settings, context_channels=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 8, 4, 4, generator=g, requires_grad=True)
+    context = torch.rand(2, 3, 16, 16, generator=g, requires_grad=True)
+
+    def router_gradients() -> tuple[bool, bool]:
+        """(does the router's loss train the router, does it reach the features and context)"""
+        block.zero_grad()
+        x.grad = context.grad = None
+        routing = block.router(block.cv1(x).split((block.c, block.c), 1)[1], context)
+        routing.logits.logsumexp(-1).sum().backward()
+        reached = x.grad is not None and x.grad.abs().sum() > 0 and context.grad is not None
+        return bool(block.router.gate[0].weight.grad.abs().sum() > 0), reached
+
+    assert router_gradients() == (True, True)  # an untied block (built, or dense_warmup ended) trains the features
+    block.tie()
+    assert router_gradients() == (True, False)  # the dense warmup: the routers learn alone
+    block.split()
+    assert router_gradients() == (True, True)
+
+
 def test_letterbox_mask_pools_over_content_cells_only():
     from visionmoe.nn import MoESettings, Router
     from visionmoe.nn.tasks import LETTERBOX_FILL, letterbox_content

@@ -72,6 +72,8 @@ class MoEBlock(nn.Module):
         if not self.router.renormalize:
             raise ValueError(f"MoE block {self.router.label}: tied experts need renormalize=True to split exactly")
         self.tied = True
+        if self.router.detach_while_tied:  # detach_router='warmup'
+            self.router.detach_input = True
 
     def split(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """End the dense warmup: copy experts[0] (weights and norm statistics) into every other expert and route.
@@ -80,6 +82,8 @@ class MoEBlock(nn.Module):
         parameters, so that a trainer can copy optimizer state along.
         """
         self.tied = False
+        if self.router.detach_while_tied:
+            self.router.detach_input = False
         source, pairs = self.experts[0], []
         with torch.no_grad():
             for expert in self.experts[1:]:

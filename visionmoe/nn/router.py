@@ -39,6 +39,7 @@ class Router(nn.Module):
     pool_max = False
     context_channels = 0  # and before router_context existed, their block's features only
     detach_input = False  # and before detach_router existed, sent gradients into the features they read
+    detach_while_tied = False
     content: torch.Tensor | None = None  # [B, 1, H0, W0] image cells that are not letterbox fill, set per forward
     shared_context: SharedContext | None = None  # the context map pooled once for all routers, set per forward
 
@@ -52,7 +53,8 @@ class Router(nn.Module):
         self.pool_std = settings.router_input == "mean_std"
         self.pool_max = settings.router_input == "max"
         self.context_channels = context_channels
-        self.detach_input = settings.detach_router
+        self.detach_input = settings.detach_router is True
+        self.detach_while_tied = settings.detach_router == "warmup"  # `MoEBlock.tie` and `split` switch detach_input
         c = channels * (2 if self.pool_std else 1) + 2 * context_channels
         layers = [nn.Linear(c, e)] if settings.router == "linear" else [nn.Linear(c, c), nn.SiLU(), nn.Linear(c, e)]
         self.gate = nn.Sequential(*layers)

@@ -28,9 +28,11 @@ class MoESettings:
             also reads, pooled to channel means and standard deviations: fine detail such as blur or sensor noise,
             which the block's own features at strides 8 to 32 average away (layer 2 of YOLO11 is at stride 4).
             None: routers read their block's features only.
-        detach_router: Routers read the features without sending gradients into them: their losses (balance, z,
-            mutual information, domain) and the gates' task gradient train the routers alone, never the detector's
-            features, so that learning to route does not bend what the experts and the head read.
+        detach_router: True: routers read the features without sending gradients into them: their losses (balance,
+            z, mutual information, domain) and the gates' task gradient train the routers alone, never the detector's
+            features, so that learning to route does not bend what the experts and the head read. 'warmup': so only
+            while per-image blocks are tied (the dense warmup, when domain routing already teaches the routers), and
+            with gradients into the features once the experts split. Needs dense_warmup > 0. False: always.
         router_init: How per-image routers start when routing starts at the end of the dense warmup: 'random'
             (as built) or 'kmeans' (a nearest-centroid gate over E k-means clusters of the router's inputs on the
             un-augmented training images, `router_init.nearest_centroid_gate`). 'kmeans' needs a linear router and
@@ -73,7 +75,7 @@ class MoESettings:
     router: str = "linear"
     router_input: str = "mean"
     router_context: int | None = None
-    detach_router: bool = False
+    detach_router: bool | str = False
     router_init: str = "random"
     mask_letterbox: bool = False
     shared_expert: bool = False
@@ -102,9 +104,16 @@ class MoESettings:
             fail(f"router_input={self.router_input!r}, use one of {list(ROUTER_INPUTS)}")
         if self.router_init not in ROUTER_INITS:
             fail(f"router_init={self.router_init!r}, use one of {list(ROUTER_INITS)}")
-        for name in ("mask_letterbox", "shared_expert", "renormalize", "bpr", "freeze_expert_norm", "detach_router"):
+        for name in ("mask_letterbox", "shared_expert", "renormalize", "bpr", "freeze_expert_norm"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name}={getattr(self, name)!r}, use True or False")
+        if not (isinstance(self.detach_router, bool) or self.detach_router == "warmup"):
+            fail(f"detach_router={self.detach_router!r}, use True, False or 'warmup'")
+        if self.detach_router == "warmup" and not self.dense_warmup > 0:
+            fail(
+                f"detach_router='warmup' detaches the routers during the dense warmup, but dense_warmup="
+                f"{self.dense_warmup}; set dense_warmup > 0 or use detach_router=True"
+            )
         if self.mask_letterbox and self.router_input != "mean":
             fail(f"mask_letterbox=True needs router_input='mean' (got {self.router_input!r})")
         for name in ("noise", "balance_loss", "z_loss", "mi_loss", "domain_loss"):
