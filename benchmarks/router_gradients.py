@@ -1,20 +1,19 @@
 """Prototype: where the routers' losses may send gradients, between the default and `detach_router=True`.
 
-    python benchmarks/router_gradients.py variant=warmup data=synth-shapes.yaml domain_loss=auto epochs=20 \
-        imgsz=128 batch=16 nbs=16 workers=1 seed=2 project=/tmp/exp/screen name=warmup_synth_s2
+    python benchmarks/router_gradients.py variant=context data=synth-shapes.yaml domain_loss=auto epochs=20 \
+        imgsz=128 batch=16 nbs=16 workers=1 seed=2 project=/tmp/exp/screen name=context_synth_s2
 
 Trains visionmoe-yolo-n (default recipe; `domain_loss=auto` must be given, since the prototype entry point turns it
 off by default) with every MoEC3k2 block's router changed as `variant` says:
 
-- `warmup`: the routers read detached features while the blocks are tied (the dense warmup), as under
-  `detach_router=True`, and send their gradients into the features once the experts split and routing starts;
 - `features`: the routers never train their own block's features, but do train the `router_context` map they all
   read (YOLO11's stride-4 layer), so that one early map can learn to show the domains;
 - `context`: the other way round: the routers train their own block's features but not the shared context map.
 
 Why (benchmarks/results/recipe.md, stop 28): with the routers' gradients the MoE is ~0.025 mAP50-95 behind YOLO11n at
 the end of the dense warmup on synth-shapes; without them (`detach_router=True`) it is level there, but its routers
-route worse and lose more than half of the win on the conflict set.
+route worse and lose more than half of the win on the conflict set. The third screened form, no gradients into the
+features while the blocks are tied and all of them after the split, became the setting `detach_router=warmup`.
 """
 
 from __future__ import annotations
@@ -26,14 +25,6 @@ from block_prototype import train_with_block
 
 from visionmoe.nn.blocks import MoEC3k2
 from visionmoe.nn.router import Router
-
-
-class WarmupDetachedMoEC3k2(MoEC3k2):
-    """Routers detached from the features while tied (dense warmup), attached once routing starts."""
-
-    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        self.router.detach_input = self.tied
-        return super().forward(x)
 
 
 class ContextOnlyRouter(Router):
@@ -63,7 +54,6 @@ def routers_as(router_class: type[Router]):
 
 
 VARIANTS = {
-    "warmup": (WarmupDetachedMoEC3k2, None),
     "features": (MoEC3k2, routers_as(ContextOnlyRouter)),
     "context": (MoEC3k2, routers_as(FeaturesOnlyRouter)),
 }

@@ -10,6 +10,7 @@ every model per round), so load from other processes hits all alike. Target (iss
     python benchmarks/train_step.py --weights best.pt   # a trained MoE: balanced routing, as in training
     python benchmarks/train_step.py --weights best.pt --blocks   # each MoE block's forward + backward on its inputs
     python benchmarks/train_step.py --tied --domain   # a dense-warmup step whose routers learn the images' domains
+    python benchmarks/train_step.py --tied --domain --detach-router warmup   # ... with the routers detached
 
 `--tied` times the MoE during its dense warmup (one expert per block, as the default recipe's first 70% of epochs);
 `--domain` gives the batch each image's domain expert (image i -> expert i mod E), so that the routers train under
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", action="store_true", help="time each MoE block alone (see above)")
     parser.add_argument("--tied", action="store_true", help="tie every per-image MoE block (dense warmup)")
     parser.add_argument("--domain", action="store_true", help="route and teach the routers by a domain per image")
+    parser.add_argument("--detach-router", choices=("false", "true", "warmup"),
+                        help="MoE setting detach_router of a fresh MoE (default: the model YAML's)")
     parser.add_argument("--weights", help="a trained MoE checkpoint, whose routers spread images as training does "
                         "(fresh routers send most images to one or two experts)")
     args = parser.parse_args(argv)  # fmt: skip
@@ -166,9 +169,10 @@ def main(argv: list[str] | None = None) -> None:
             if block.tied:  # a checkpoint saved during the dense warmup
                 block.split()
     else:
-        moe = build_model(
-            f"visionmoe-yolo-{args.scale}.yaml", nc=len(CLASSES), verbose=False, experts=args.experts, top_k=args.top_k
-        ).train()
+        settings = {"experts": args.experts, "top_k": args.top_k}
+        if args.detach_router:
+            settings["detach_router"] = {"false": False, "true": True}.get(args.detach_router, args.detach_router)
+        moe = build_model(f"visionmoe-yolo-{args.scale}.yaml", nc=len(CLASSES), verbose=False, **settings).train()
     dense.args = moe.args = hyp
     batch = synth_batch(args.batch, args.imgsz)
     if args.domain:
