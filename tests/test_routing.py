@@ -185,6 +185,7 @@ def test_detach_router_warmup_detaches_only_while_tied():
 
     from visionmoe.nn import MoESettings
     from visionmoe.nn.blocks import MoEC3k2
+    from visionmoe.nn.tasks import build_model
 
     settings = MoESettings(detach_router="warmup", dense_warmup=0.5, renormalize=True)
     block = MoEC3k2.from_dense(C3k2(8, 8, n=1), settings, context_channels=3)
@@ -206,6 +207,10 @@ def test_detach_router_warmup_detaches_only_while_tied():
     assert router_gradients() == (True, False)  # the dense warmup: the routers learn alone
     block.split()
     assert router_gradients() == (True, True)
+    # the YAML default; without a dense warmup nothing is ever tied, so nothing is detached
+    unwarmed = build_model("visionmoe-yolo-n.yaml", verbose=False, dense_warmup=0)
+    assert unwarmed.moe_settings.detach_router == "warmup"
+    assert not any(b.router.detach_input or b.tied for b in unwarmed.moe_blocks())
 
 
 def test_letterbox_mask_pools_over_content_cells_only():

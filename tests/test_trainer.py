@@ -29,7 +29,8 @@ def test_dense_warmup_trains_tied_experts_then_splits_with_their_optimizer_state
 
     def check_epoch(trainer):
         blocks = trainer.model.moe_blocks()
-        seen[trainer.epoch] = [b.tied for b in blocks] + [b.tied for b in trainer.ema.ema.moe_blocks()]
+        # the default detach_router='warmup': routers read detached features while tied, attached once split
+        seen[trainer.epoch] = [(b.tied, b.router.detach_input) for b in blocks + trainer.ema.ema.moe_blocks()]
         if trainer.epoch == 1:  # just split: every copy equals expert 0, with its Adam moments
             for model in (trainer.model, trainer.ema.ema):
                 for block in model.moe_blocks():
@@ -45,7 +46,7 @@ def test_dense_warmup_trains_tied_experts_then_splits_with_their_optimizer_state
     trainer.add_callback("on_train_epoch_start", check_epoch)
     trainer.train()
     assert all(group["fused"] for group in trainer.optimizer.param_groups)  # one fused CPU kernel per group
-    assert seen == {0: [True] * 12, 1: [False] * 12}
+    assert seen == {0: [(True, True)] * 12, 1: [(False, False)] * 12}
     rows = (trainer.save_dir / "expert_utilisation.csv").read_text().splitlines()[1:]
     assert rows and {row.split(",")[0] for row in rows} == {"2"}  # no router ran in the tied epoch
 

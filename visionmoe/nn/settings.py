@@ -32,7 +32,8 @@ class MoESettings:
             z, mutual information, domain) and the gates' task gradient train the routers alone, never the detector's
             features, so that learning to route does not bend what the experts and the head read. 'warmup': so only
             while per-image blocks are tied (the dense warmup, when domain routing already teaches the routers), and
-            with gradients into the features once the experts split. Needs dense_warmup > 0. False: always.
+            with gradients into the features once the experts split; without a dense warmup (dense_warmup=0, or
+            token-routed layers, which are never tied) the same as False. False: gradients always.
         router_init: How per-image routers start when routing starts at the end of the dense warmup: 'random'
             (as built) or 'kmeans' (a nearest-centroid gate over E k-means clusters of the router's inputs on the
             un-augmented training images, `router_init.nearest_centroid_gate`). 'kmeans' needs a linear router and
@@ -109,11 +110,6 @@ class MoESettings:
                 fail(f"{name}={getattr(self, name)!r}, use True or False")
         if not (isinstance(self.detach_router, bool) or self.detach_router == "warmup"):
             fail(f"detach_router={self.detach_router!r}, use True, False or 'warmup'")
-        if self.detach_router == "warmup" and not self.dense_warmup > 0:
-            fail(
-                f"detach_router='warmup' detaches the routers during the dense warmup, but dense_warmup="
-                f"{self.dense_warmup}; set dense_warmup > 0 or use detach_router=True"
-            )
         if self.mask_letterbox and self.router_input != "mean":
             fail(f"mask_letterbox=True needs router_input='mean' (got {self.router_input!r})")
         for name in ("noise", "balance_loss", "z_loss", "mi_loss", "domain_loss"):
