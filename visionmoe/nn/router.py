@@ -39,7 +39,7 @@ class Router(nn.Module):
     pool_max = False
     context_channels = 0  # and before router_context existed, their block's features only
     detach_input = False  # and before detach_router existed, sent gradients into the features they read
-    detach_while_tied = False
+    detach_while_tied = False  # and before detach_router could be 'warmup'
     content: torch.Tensor | None = None  # [B, 1, H0, W0] image cells that are not letterbox fill, set per forward
     shared_context: SharedContext | None = None  # the context map pooled once for all routers, set per forward
 
