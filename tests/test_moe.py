@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+from copy import deepcopy
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,6 +148,45 @@ def test_tied_block_runs_one_expert_and_splits_without_changing_its_output():
     for a, b in zip(block.experts[0].state_dict().values(), block.experts[3].state_dict().values()):
         assert torch.equal(a, b)  # weights and BatchNorm statistics alike
     torch.testing.assert_close(split, tied_eval, atol=1e-5, rtol=0)
+
+
+def test_residual_experts_prototype_splits_exactly_and_folds_into_checkpoints(monkeypatch):
+    """benchmarks/residual_experts.py (recipe.md, stop 30): expert e > 0 runs base + delta_e after the split."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from residual_experts import ResidualC3k2
+
+    block = make_block(experts=4, renormalize=True).eval()
+    block.__class__ = ResidualC3k2
+    block.tie()
+    x = images()
+    with torch.no_grad():
+        tied = block(x)
+        assert block.split() == []  # the deltas start with fresh optimizer state
+        split = block(x)
+    torch.testing.assert_close(split, tied, atol=1e-5, rtol=0)
+    assert block.residual and all(p.abs().sum() == 0 for p in block.experts[1].parameters())
+    with torch.no_grad():  # give the deltas values, so that folding has something to fold
+        for expert in block.experts[1:]:
+            for p in expert.parameters():
+                p.normal_(0, 0.01)
+    block.train()
+    bias = block.router.gate[-1].bias
+    bias.data, kept_bias = torch.tensor([0.0, 1e3, 0.0, 0.0]), bias.data  # every image to expert 1
+    block(x).sum().backward()
+    bias.data = kept_bias
+    assert block.routing.indices.unique().tolist() == [1]
+    grads = [block.experts[j].m[0].cv1.conv.weight.grad for j in range(4)]
+    assert grads[0] is not None and grads[0].abs().sum() > 0  # the base learns from expert 1's images too
+    assert grads[1] is not None and grads[1].abs().sum() > 0 and grads[2] is None and grads[3] is None
+    block.eval()
+    with torch.no_grad():
+        residual = block(x)
+        folded = deepcopy(block)  # what pickling into a checkpoint stores
+        assert not folded.residual
+        torch.testing.assert_close(folded(x), residual, atol=1e-5, rtol=0)
+        base, delta = block.experts[0].parameters(), block.experts[1].parameters()
+        for a, b, d in zip(folded.experts[1].parameters(), base, delta):
+            torch.testing.assert_close(a, b + d)
 
 
 def test_tied_experts_need_renormalized_gates():
