@@ -11,10 +11,13 @@ every model per round), so load from other processes hits all alike. Target (iss
     python benchmarks/train_step.py --weights best.pt --blocks   # each MoE block's forward + backward on its inputs
     python benchmarks/train_step.py --tied --domain   # a dense-warmup step whose routers learn the images' domains
     python benchmarks/train_step.py --tied --domain --detach-router warmup   # ... with the routers detached
+    python benchmarks/train_step.py --split residual --domain   # a routed step after a residual split
 
 `--tied` times the MoE during its dense warmup (one expert per block, as the default recipe's first 70% of epochs);
 `--domain` gives the batch each image's domain expert (image i -> expert i mod E), so that the routers train under
-`domain_loss` as they do on data that tags domains (the default on synth-shapes).
+`domain_loss` as they do on data that tags domains (the default on synth-shapes). `--split copy|residual` times a
+routed step just after the dense warmup ends, with the experts split as copies or as residual experts (deltas on
+expert 0, `residual_experts`); with `--domain` the images spread over the experts as in training.
 
 `--blocks` times every MoE block alone: tied (expert 0 on every image, the dense block's cost), each dispatch, and
 `segmented`, a prototype that sorts the images by expert and runs each pointwise or small-map conv as one ragged
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", action="store_true", help="time each MoE block alone (see above)")
     parser.add_argument("--tied", action="store_true", help="tie every per-image MoE block (dense warmup)")
     parser.add_argument("--domain", action="store_true", help="route and teach the routers by a domain per image")
+    parser.add_argument("--split", choices=("copy", "residual"), help="tie, then split every per-image MoE block")
     parser.add_argument("--detach-router", choices=("false", "true", "warmup"),
                         help="MoE setting detach_router of a fresh MoE (default: the model YAML's)")
     parser.add_argument("--weights", help="a trained MoE checkpoint, whose routers spread images as training does "
@@ -177,9 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     batch = synth_batch(args.batch, args.imgsz)
     if args.domain:
         batch["domain_expert"] = torch.arange(args.batch) % moe.moe_settings.experts
-    if args.tied:
+    if args.tied or args.split:
         for block in moe.moe_blocks():
             block.tie()
+            if args.split:
+                block.split(residual=args.split == "residual")
 
     if args.blocks:
         print(f"forward + backward per MoE block, ms, median of {args.rounds} interleaved rounds, "

@@ -141,6 +141,8 @@ def test_scale_from_name():
         ({"router_context": -1}, "router_context=-1, use a layer index"),
         ({"detach_router": "always"}, "detach_router='always', use True, False or 'warmup'"),
         ({"detach_router": 1}, "detach_router=1, use True, False or 'warmup'"),
+        ({"residual_experts": "yes"}, "residual_experts='yes', use True or False"),
+        ({"residual_experts": True, "dense_warmup": 0.0}, "residual_experts=True needs dense_warmup > 0"),
         ({"router_context": 6}, "router_context=6 must name a layer before the first per-image MoE block \\(layer 6"),
     ],
 )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-from copy import deepcopy
-from pathlib import Path
 
 import pytest
 import torch
@@ -150,22 +148,18 @@ def test_tied_block_runs_one_expert_and_splits_without_changing_its_output():
     torch.testing.assert_close(split, tied_eval, atol=1e-5, rtol=0)
 
 
-def test_residual_experts_prototype_splits_exactly_and_folds_into_checkpoints(monkeypatch):
-    """benchmarks/residual_experts.py (recipe.md, stop 30): expert e > 0 runs base + delta_e after the split."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    from residual_experts import ResidualC3k2
-
+def test_residual_split_keeps_the_output_trains_the_base_on_every_image_and_folds_for_inference():
     block = make_block(experts=4, renormalize=True).eval()
-    block.__class__ = ResidualC3k2
     block.tie()
     x = images()
     with torch.no_grad():
         tied = block(x)
-        assert block.split() == []  # the deltas start with fresh optimizer state
+        assert block.split(residual=True) == []  # the deltas start with fresh optimizer state
         split = block(x)
     torch.testing.assert_close(split, tied, atol=1e-5, rtol=0)
-    assert block.residual and all(p.abs().sum() == 0 for p in block.experts[1].parameters())
-    with torch.no_grad():  # give the deltas values, so that folding has something to fold
+    assert block.residual and all(p.abs().sum() == 0 for e in block.experts[1:] for p in e.parameters())
+    assert len(block.routing.indices.unique()) > 1, "the test needs images routed to delta experts"
+    with torch.no_grad():  # deltas with values, as training gives them
         for expert in block.experts[1:]:
             for p in expert.parameters():
                 p.normal_(0, 0.01)
@@ -175,18 +169,44 @@ def test_residual_experts_prototype_splits_exactly_and_folds_into_checkpoints(mo
     block(x).sum().backward()
     bias.data = kept_bias
     assert block.routing.indices.unique().tolist() == [1]
-    grads = [block.experts[j].m[0].cv1.conv.weight.grad for j in range(4)]
+    grads = [expert.m[0].cv1.conv.weight.grad for expert in block.experts]
     assert grads[0] is not None and grads[0].abs().sum() > 0  # the base learns from expert 1's images too
     assert grads[1] is not None and grads[1].abs().sum() > 0 and grads[2] is None and grads[3] is None
-    block.eval()
+    with pytest.raises(ValueError, match="residual experts run with 'sparse'"):
+        block.set_dispatch("batched")(x)
+    block.set_dispatch("sparse").eval()
     with torch.no_grad():
         residual = block(x)
-        folded = deepcopy(block)  # what pickling into a checkpoint stores
-        assert not folded.residual
-        torch.testing.assert_close(folded(x), residual, atol=1e-5, rtol=0)
-        base, delta = block.experts[0].parameters(), block.experts[1].parameters()
-        for a, b, d in zip(folded.experts[1].parameters(), base, delta):
-            torch.testing.assert_close(a, b + d)
+        reference = block.set_dispatch("dense")(x)
+        base, delta = [p.clone() for p in block.experts[0].parameters()], list(block.experts[2].parameters())
+        summed = [b + d for b, d in zip(base, delta)]
+        static = block.set_dispatch("gather")(x)  # export forms fold the experts first
+    torch.testing.assert_close(reference, residual, atol=1e-5, rtol=0)
+    torch.testing.assert_close(static, residual, atol=1e-4, rtol=0)
+    assert not block.residual
+    for folded, expected in zip(block.experts[2].parameters(), summed):
+        torch.testing.assert_close(folded, expected)
+
+
+def test_fusing_a_model_folds_its_residual_experts_first():
+    from visionmoe.nn.tasks import build_model
+
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False, residual_experts=True, router_context=None)
+    model.eval()
+    for block in model.moe_blocks():
+        block.tie()
+        block.split(residual=True)
+        with torch.no_grad():
+            for expert in block.experts[1:]:
+                for p in expert.parameters():
+                    p.normal_(0, 0.02)
+            torch.nn.init.normal_(block.router.gate[-1].weight, std=3.0)
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unfused = model(x)[0]
+        fused = model.fuse(verbose=False)(x)[0]
+    assert not any(block.residual for block in model.moe_blocks())
+    torch.testing.assert_close(fused, unfused, atol=1e-3, rtol=1e-3)
 
 
 def test_tied_experts_need_renormalized_gates():

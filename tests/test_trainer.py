@@ -51,6 +51,35 @@ def test_dense_warmup_trains_tied_experts_then_splits_with_their_optimizer_state
     assert rows and {row.split(",")[0] for row in rows} == {"2"}  # no router ran in the tied epoch
 
 
+def test_residual_experts_split_into_zero_deltas_train_them_and_checkpoint_for_resume(tmp_path, coco8):
+    from ultralytics.nn.tasks import load_checkpoint
+
+    trainer = MoEDetectionTrainer(
+        overrides={"model": "visionmoe-yolo-n.yaml", "data": "coco8.yaml", "device": "cpu", "epochs": 2, "imgsz": 64,
+                   "batch": 4, "nbs": 4, "workers": 0, "project": str(tmp_path), "name": "residual",
+                   "dense_warmup": 0.5, "residual_experts": True, "plots": False}
+    )  # fmt: skip
+    split = []
+
+    def check_split(trainer):
+        if trainer.epoch != 1:
+            return
+        for model in (trainer.model, trainer.ema.ema):
+            for block in model.moe_blocks():
+                assert block.residual and not block.tied
+                assert all(p.abs().sum() == 0 for expert in block.experts[1:] for p in expert.parameters())
+        delta = trainer.model.moe_blocks()[0].experts[1].m[0].cv1.conv.weight
+        split.append(delta not in trainer.optimizer.state)  # a delta starts with fresh optimizer state
+
+    trainer.add_callback("on_train_epoch_start", check_split)
+    trainer.train()
+    assert split == [True]
+    deltas = [p for b in trainer.model.moe_blocks() for e in b.experts[1:] for p in e.parameters()]
+    assert any(p.abs().sum() > 0 for p in deltas)  # the routed epoch trained them
+    model, _ = load_checkpoint(trainer.last)  # kept residual, so that resume trains on as it did
+    assert all(block.residual for block in model.moe_blocks())
+
+
 @pytest.mark.parametrize(
     "optimizer, kernel", [(torch.optim.AdamW, "fused"), (torch.optim.SGD, "fused"), (torch.optim.RMSprop, "foreach")]
 )

@@ -22,7 +22,7 @@ from .dispatch import (
     static_mixture,
     token_dense_mixture,
 )
-from .experts import BottleneckStack, MlpExperts, reinitialize
+from .experts import BottleneckStack, MlpExperts, ResidualExpert, reinitialize
 from .router import Router
 from .routing import Routing, assign, expert_capacities, token_slots
 from .settings import MoESettings
@@ -49,6 +49,7 @@ class MoEBlock(nn.Module):
     dense: type[nn.Module]  # the Ultralytics block this one replaces, as built by the stock parser
     routes_images = False  # per-image routing, whose experts can be tied for a dense warmup
     tied = False  # dense warmup: experts[0] runs for every item and the router is idle (see `tie`)
+    residual = False  # after a residual split, experts[1:] hold deltas on experts[0] (see `split`)
     frozen_norm = False  # experts' BatchNorms normalise with running statistics in training too (see `freeze_norm`)
 
     def __init__(self) -> None:
@@ -75,11 +76,14 @@ class MoEBlock(nn.Module):
         if self.router.detach_while_tied:  # detach_router='warmup'
             self.router.detach_input = True
 
-    def split(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    def split(self, residual: bool = False) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """End the dense warmup: copy experts[0] (weights and norm statistics) into every other expert and route.
 
         With renormalized gates every choice then computes what the tied block did. Returns (source, copy) pairs of
-        parameters, so that a trainer can copy optimizer state along.
+        parameters, so that a trainer can copy optimizer state along. `residual` (the `residual_experts` setting):
+        the other experts become deltas on experts[0] instead, starting at zero, with their own norm statistics
+        (`ResidualExpert`); every choice again computes what the tied block did, and there are no pairs, since a
+        delta starts with fresh optimizer state.
         """
         self.tied = False
         if self.router.detach_while_tied:
@@ -87,12 +91,32 @@ class MoEBlock(nn.Module):
         source, pairs = self.experts[0], []
         with torch.no_grad():
             for expert in self.experts[1:]:
-                for (_, a), (_, b) in zip(source.named_parameters(), expert.named_parameters()):
-                    b.copy_(a)
-                    pairs.append((a, b))
+                for a, b in zip(source.parameters(), expert.parameters()):
+                    if residual:
+                        b.zero_()
+                    else:
+                        b.copy_(a)
+                        pairs.append((a, b))
                 for a, b in zip(source.buffers(), expert.buffers()):
                     b.copy_(a)
+        self.residual = residual
         return pairs
+
+    def routed_experts(self) -> nn.ModuleList | list[nn.Module]:
+        """The experts as routing runs them: `experts`, or after a residual split experts[0] and the
+        `ResidualExpert` views base + delta_e."""
+        if not self.residual:
+            return self.experts
+        base = self.experts[0]
+        return [base, *(ResidualExpert(base, delta) for delta in self.experts[1:])]
+
+    def fold_residual(self) -> None:
+        """After a residual split, make every expert independent (experts[e] <- experts[0] + delta_e), computing what
+        it did: for inference, where Conv+BN fusion and the static export forms need each expert's own weights."""
+        if self.residual:
+            for view in self.routed_experts()[1:]:
+                view.fold()
+            self.residual = False
 
     def freeze_norm(self) -> None:
         """Make the experts' BatchNorms use their running statistics in training as in eval (scale and shift still
@@ -119,6 +143,8 @@ class MoEBlock(nn.Module):
             raise ValueError(f"unknown dispatch '{dispatch}', use one of {list(get_args(Dispatch))}")
         if self.tied:
             self.split()
+        if dispatch in STATIC_DISPATCHES:
+            self.fold_residual()
         self.static_experts = self.static_experts_form(dispatch) if dispatch in STATIC_DISPATCHES else None
         self.dispatch = dispatch
         return self
@@ -127,10 +153,12 @@ class MoEBlock(nn.Module):
         """Static form `dispatch` of the experts: (x [N, ...], index [N]) -> [N, ...out], for `static_mixture`."""
         raise StaticExportError(f"{type(self).__name__} has no static dispatch, so it cannot export sparsely")
 
-    def mixture(self, x: torch.Tensor, experts: nn.ModuleList, routing: Routing) -> torch.Tensor:
+    def mixture(self, x: torch.Tensor, experts: Sequence[nn.Module], routing: Routing) -> torch.Tensor:
         if self.dispatch in STATIC_DISPATCHES:  # inference only: gates that are all 1 need no multiply
             gates = None if self.router.unit_gates else routing.gates
             return static_mixture(x, self.static_experts, routing.indices, gates)
+        if self.residual and self.dispatch == "batched":
+            raise ValueError("dispatch 'batched' walks the experts' own weights; residual experts run with 'sparse'")
         mix = {"sparse": sparse_mixture, "batched": batched_mixture, "dense": dense_mixture}[self.dispatch]
         return mix(x, experts, routing.indices, routing.gates)
 
@@ -194,7 +222,7 @@ class MoEC3k2(MoEBlock):
             self.routing = self.router(b, context)
             if self.assigned is not None:  # domain routing in training (MoEModel.loss)
                 self.routing = assign(self.routing, self.assigned)
-            h = self.mixture(b, self.experts, self.routing)
+            h = self.mixture(b, self.routed_experts(), self.routing)
         if self.shared is not None:
             h = h + self.shared(b)
         return self.cv2(torch.cat((a, b, h), 1))

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 
 class BottleneckStack(nn.Module):
@@ -24,6 +25,30 @@ class BottleneckStack(nn.Module):
             x = block(x)
             stages.append(x)
         return torch.cat(stages, 1)
+
+
+class ResidualExpert(nn.Module):
+    """Expert `delta` of a residual split: runs as `base` with weights base + delta and `delta`'s own buffers (its
+    norm statistics), so that gradients reach both the base, shared by every expert, and the delta.
+
+    x [B, ...] -> base(x)'s shape. A view built per forward (`MoEBlock.routed_experts`); it holds no parameters of its
+    own, and `fold` turns the pair into one independent expert.
+    """
+
+    def __init__(self, base: nn.Module, delta: nn.Module):
+        super().__init__()
+        self.base, self.delta = base, delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deltas = self.delta.parameters()
+        weights = {name: p + d for (name, p), d in zip(self.base.named_parameters(), deltas, strict=True)}
+        return functional_call(self.base, {**weights, **dict(self.delta.named_buffers())}, (x,))
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Make `delta` the independent expert it stands for: delta <- base + delta, in place."""
+        for d, p in zip(self.delta.parameters(), self.base.parameters(), strict=True):
+            d.add_(p)
 
 
 def reinitialize(module: nn.Module) -> nn.Module:

@@ -60,6 +60,12 @@ class MoESettings:
         freeze_expert_norm: After the dense warmup, the experts' BatchNorms normalise with the running statistics the
             tied expert gathered over full batches, in training as in eval, instead of the statistics of the few
             images routed to them (scale and shift still train). Needs dense_warmup > 0.
+        residual_experts: At the end of the dense warmup, expert 0 stays the tied expert and every other expert
+            becomes a delta on it, starting at zero: expert e computes with weights expert_0 + delta_e
+            (`experts.ResidualExpert`). Expert 0 then keeps learning from every image, through whichever expert the
+            image chose, and each delta from its own images; the default split copies expert 0 into E independent
+            experts, each of which learns from its share of the images alone. Active compute is unchanged; fusion
+            and export fold the sums into independent experts (`MoEBlock.fold_residual`). Needs dense_warmup > 0.
         domain_loss: Weight of each per-image router's class-balanced cross-entropy with the expert of the image's
             domain (DAMEX-style domain routing, for data sets merged from sources that differ in look or labelling;
             `routing.domain_loss`). When > 0, training routes every tagged image to its domain's expert and teaches
@@ -89,6 +95,7 @@ class MoESettings:
     bpr: bool = False
     dense_warmup: float = 0.0
     freeze_expert_norm: bool = False
+    residual_experts: bool = False
     domain_loss: float | str = "auto"
 
     def __post_init__(self) -> None:
@@ -105,7 +112,7 @@ class MoESettings:
             fail(f"router_input={self.router_input!r}, use one of {list(ROUTER_INPUTS)}")
         if self.router_init not in ROUTER_INITS:
             fail(f"router_init={self.router_init!r}, use one of {list(ROUTER_INITS)}")
-        for name in ("mask_letterbox", "shared_expert", "renormalize", "bpr", "freeze_expert_norm"):
+        for name in ("mask_letterbox", "shared_expert", "renormalize", "bpr", "freeze_expert_norm", "residual_experts"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name}={getattr(self, name)!r}, use True or False")
         if not (isinstance(self.detach_router, bool) or self.detach_router == "warmup"):
@@ -143,6 +150,8 @@ class MoESettings:
             )
         if self.freeze_expert_norm and not self.dense_warmup > 0:
             fail("freeze_expert_norm=True needs dense_warmup > 0, whose full batches give the statistics it freezes")
+        if self.residual_experts and not self.dense_warmup > 0:
+            fail("residual_experts=True needs dense_warmup > 0: the experts become deltas on the tied one at the split")
         if self.capacity_factor is not None:
             cf = self.capacity_factor
             if isinstance(cf, (int, float)) and not isinstance(cf, bool):

@@ -248,6 +248,13 @@ class MoEModel:
             for router in routers:
                 router.content = router.shared_context = None  # never kept in checkpoints or reused for another input
 
+    def fuse(self, verbose: bool = True, imgsz: int | list[int] = 640):
+        """Ultralytics' Conv+BN fusion, after residual experts are folded into independent ones
+        (`MoEBlock.fold_residual`): fusing a base and a delta each with its own norm would not fuse their sum."""
+        for block in self.moe_blocks():
+            block.fold_residual()
+        return super().fuse(verbose, imgsz)
+
     def aux_loss(self, domain_experts: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over the MoE blocks that routed in the last forward pass of `alpha * balance + beta * z + gamma * mi`,
         plus `domain_loss` times each per-image router's cross-entropy with `domain_experts` [B] when given."""
