@@ -262,10 +262,10 @@ def _tie_for_dense_warmup(trainer: MoEDetectionTrainer) -> None:
 
 
 def _split_after_dense_warmup(trainer: MoEDetectionTrainer) -> None:
-    """At the end of the dense warmup, split every tied block into E copies of its expert (or, under
-    `residual_experts`, into the expert and E-1 zero deltas on it), in the trained model and its EMA, give each copy
-    the optimizer state (momentum, Adam moments) of the expert it copies, and freeze the experts' norm statistics
-    where the settings ask for it."""
+    """At the end of the dense warmup, split every tied block into E copies of its expert, in the trained model and
+    its EMA, give each copy the optimizer state (momentum, Adam moments) of the expert it copies, and freeze the
+    experts' norm statistics where the settings ask for it. Under `residual_experts` the block splits into its expert
+    and E-1 zero deltas on it instead, which start with fresh optimizer state."""
     if trainer.epoch < split_epoch(trainer):
         return
     tied = [block for model in _trained_models(trainer) for block in model.moe_blocks() if block.tied]
