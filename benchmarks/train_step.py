@@ -13,7 +13,7 @@ every model per round), so load from other processes hits all alike. Target (iss
     python benchmarks/train_step.py --tied --domain --detach-router warmup   # ... with the routers detached
     python benchmarks/train_step.py --split residual --domain   # a routed step after a residual split
 
-`--tied` times the MoE during its dense warmup (one expert per block, as the default recipe's first 70% of epochs);
+`--tied` times the MoE during its dense warmup (one expert per block, as the default recipe's first half of the epochs);
 `--domain` gives the batch each image's domain expert (image i -> expert i mod E), so that the routers train under
 `domain_loss` as they do on data that tags domains (the default on synth-shapes). `--split copy|residual` times a
 routed step just after the dense warmup ends, with the experts split as copies or as residual experts (deltas on
