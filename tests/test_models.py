@@ -43,6 +43,35 @@ def test_benchmark_configs_build_at_yolo11n_active_flops(path):
     assert 0.95 <= ratio <= 1.1, f"{path.name}: active GFLOPs {ratio:.3f}x YOLO11n"
 
 
+def test_fine_experts_prototype_keeps_its_claims(monkeypatch):
+    """benchmarks/fine_experts.py (recipe.md, stop 32): k fine experts cost at most one dense chain, each image takes
+    one expert per group, and the split computes what the tied block did."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import fine_experts
+
+    default = build_model("visionmoe-yolo-n.yaml", verbose=False, domain_loss=0)
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False, experts=8, top_k=2, domain_loss=0)
+    for block in model.moe_blocks():
+        block.__class__ = fine_experts.FineMoEC3k2
+    fine_experts.make_fine(model.moe_blocks())
+    ratio = active_gflops(model, 128) / active_gflops(default, 128)
+    assert 0.97 <= ratio <= 1.0, f"fine experts at {ratio:.3f}x the default MoE's active GFLOPs"
+    model.eval()
+    x = torch.randn(2, 3, 128, 128)
+    for block in model.moe_blocks():
+        block.tie()
+    with torch.no_grad():
+        tied = model(x)[0]
+        for block in model.moe_blocks():
+            block.router.gate[0].weight.normal_()  # routers that pick other experts than the group heads
+            block.split()
+        split = model(x)[0]
+    torch.testing.assert_close(split, tied)
+    indices = torch.cat([block.routing.indices for block in model.moe_blocks()])
+    assert ((indices[:, 0] < 4) & (indices[:, 1] >= 4)).all()  # one of experts 0-3 and one of 4-7
+    assert (indices % 4 != 0).any()  # the check above ran through copies, not only the tied heads
+
+
 @pytest.mark.parametrize("scale", ["n", "s", "m", "l", "x"])
 def test_yolo_moe_active_flops_match_yolo11_at_top1(scale):
     moe = build_model(f"visionmoe-yolo-{scale}.yaml", verbose=False, top_k=1)
