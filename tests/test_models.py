@@ -49,6 +49,7 @@ def test_fine_experts_prototype_keeps_its_claims(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     import fine_experts
 
+    torch.manual_seed(0)
     default = build_model("visionmoe-yolo-n.yaml", verbose=False, domain_loss=0)
     model = build_model("visionmoe-yolo-n.yaml", verbose=False, experts=8, top_k=2, domain_loss=0)
     for block in model.moe_blocks():
