@@ -4,8 +4,8 @@
         experts=4 top_k=2 project=/tmp/exp/train name=fine_e4k2 [any other `visionmoe train` setting]
 
 Trains visionmoe-yolo-n (default recipe, domain_loss=0 unless given) where every MoEC3k2 block's E experts are
-narrowed so that k of them cost what one of the default's does (hidden widths chosen so that k experts' conv weights,
-the per-pixel MACs of these stride-1 blocks, are at most one dense chain's), and split into k groups of E/k; each
+narrowed so that k of them cost what one of the default's does (hidden widths chosen so that k experts' FLOPs are at
+most one dense chain's), and split into k groups of E/k; each
 image runs the top expert of every group (group-limited routing, as DeepSeek-V3's node-limited routing at its
 extreme) with gate 1/k, so a block averages k fine experts. Fine-grained expert segmentation (DeepSeekMoE, Dai et al.
 2024) buys more combinations at the same compute: at E=4, k=2 each expert sees half the images instead of a quarter
@@ -28,16 +28,12 @@ from visionmoe.nn.blocks import MoEC3k2
 from visionmoe.nn.experts import BottleneckStack
 from visionmoe.nn.router import Router
 from visionmoe.nn.routing import LOGIT_CLAMP, Routing
-
-
-def conv_macs(module: nn.Module) -> int:
-    """Multiply-adds per output pixel of a module of stride-1 convs: the sum of its conv weights' sizes."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Conv2d))
+from visionmoe.utils.flops import active_gflops
 
 
 def narrowed(block: nn.Module, fraction: float) -> nn.Module:
-    """A freshly initialised copy of a Bottleneck or C3k with the widest hidden width whose MACs are at most
-    `fraction` of `block`'s."""
+    """A freshly initialised copy of a Bottleneck or C3k with the widest hidden width whose FLOPs are at most
+    `fraction` of `block`'s (counted on an 8x8 map: the blocks' convs keep the map size, so the ratio holds at any)."""
     c1, hidden = block.cv1.conv.in_channels, block.cv1.conv.out_channels
     if isinstance(block, Bottleneck):
         c2 = block.cv2.conv.out_channels
@@ -47,8 +43,8 @@ def narrowed(block: nn.Module, fraction: float) -> nn.Module:
         build = lambda h: C3k(c1, c2, len(block.m), block.m[0].add, e=(h + 0.5) / c2)  # noqa: E731
     else:
         raise TypeError(f"no narrow form for {type(block).__name__}")
-    budget = fraction * conv_macs(block)
-    h = max(h for h in range(1, hidden + 1) if conv_macs(build(h)) <= budget)
+    budget = fraction * active_gflops(block, 8, ch=c1)
+    h = max(h for h in range(1, hidden + 1) if active_gflops(build(h), 8, ch=c1) <= budget)
     return build(h)
 
 
@@ -78,7 +74,7 @@ class FineMoEC3k2(MoEC3k2):
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         if not self.tied:
             return super().forward(x)
-        x, context = x if isinstance(x, list) else (x, None)
+        x = x[0] if isinstance(x, list) else x  # the router's context map: idle while tied
         a, b = self.cv1(x).split((self.c, self.c), 1)
         self.routing = None
         heads = self.group_heads()
@@ -107,7 +103,7 @@ class FineMoEC3k2(MoEC3k2):
 
 
 def make_fine(blocks: list[MoEC3k2]) -> None:
-    """Narrow every block's experts to 1/k of a dense chain's MACs and give it the group router."""
+    """Narrow every block's experts to 1/k of a dense chain's FLOPs and give it the group router."""
     for block in blocks:
         k, e = block.router.top_k, len(block.experts)
         if k < 2 or e % k:
