@@ -73,6 +73,31 @@ def test_fine_experts_prototype_keeps_its_claims(monkeypatch):
     assert (indices % 4 != 0).any()  # the check above ran through copies, not only the tied heads
 
 
+def test_width_probe_widens_one_part_to_yolo11s(tmp_path, monkeypatch):
+    """benchmarks/width_probe.py (recipe.md, stop 33): the widened part's layers have YOLO11s's output channels, every
+    other layer YOLO11n's."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import width_probe
+
+    def widths(model: DetectionModel) -> dict[int, int]:
+        out = {}
+        for i, layer in enumerate(model.model):
+            if type(layer).__name__ in width_probe.WIDENED:
+                layer.register_forward_hook(lambda module, args, y, i=i: out.__setitem__(i, y.shape[1]))
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 64, 64))
+        return out
+
+    n, s = (widths(DetectionModel(f"yolo11{scale}.yaml", verbose=False)) for scale in "ns")
+    paths = width_probe.write(tmp_path)
+    assert len(paths) == len(width_probe.PARTS)
+    for path in paths:
+        part = width_probe.PARTS[path.stem.removeprefix("yolo11n-wide-")]
+        wide = widths(DetectionModel(path, verbose=False))
+        assert wide == {i: (s if i in part else n)[i] for i in n}, path.name
+        assert any(wide[i] != n[i] for i in part if i in n), path.name
+
+
 @pytest.mark.parametrize("scale", ["n", "s", "m", "l", "x"])
 def test_yolo_moe_active_flops_match_yolo11_at_top1(scale):
     moe = build_model(f"visionmoe-yolo-{scale}.yaml", verbose=False, top_k=1)
