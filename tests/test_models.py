@@ -97,6 +97,13 @@ def test_width_probe_widens_one_part_to_yolo11s(tmp_path, monkeypatch):
         assert wide == {i: (s if i in part else n)[i] for i in n}, path.name
         assert any(wide[i] != n[i] for i in part if i in n), path.name
 
+    dense_path, moe_path = width_probe.write(tmp_path, {"early": 1.5, "deep": 0.6875, "head": 0.6875}, "realloc")
+    dense = DetectionModel(dense_path, verbose=False)
+    moe = build_model(moe_path.with_name("visionmoe-yolo-realloc-n.yaml"), verbose=False)
+    assert len(moe.moe_blocks()) == 6
+    assert widths(dense)[0] == 24 and widths(dense)[5] == 88  # 16 * 1.5 and 128 * 0.6875 channels
+    assert active_gflops(moe, 128) == pytest.approx(active_gflops(dense, 128), rel=0.01)  # same trunk, top-1
+
 
 @pytest.mark.parametrize("scale", ["n", "s", "m", "l", "x"])
 def test_yolo_moe_active_flops_match_yolo11_at_top1(scale):
