@@ -75,7 +75,7 @@ def test_fine_experts_prototype_keeps_its_claims(monkeypatch):
 
 def test_width_probe_widens_one_part_to_yolo11s(tmp_path, monkeypatch):
     """benchmarks/width_probe.py (recipe.md, stop 33): the widened part's layers have YOLO11s's output channels, every
-    other layer YOLO11n's."""
+    other layer YOLO11n's; a pair scaled by factors has the MoE at its dense trunk's widths and active FLOPs."""
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     import width_probe
 
@@ -101,7 +101,8 @@ def test_width_probe_widens_one_part_to_yolo11s(tmp_path, monkeypatch):
     dense = DetectionModel(dense_path, verbose=False)
     moe = build_model(moe_path.with_name("visionmoe-yolo-realloc-n.yaml"), verbose=False)
     assert len(moe.moe_blocks()) == 6
-    assert widths(dense)[0] == 24 and widths(dense)[5] == 88  # 16 * 1.5 and 128 * 0.6875 channels
+    dense_widths = widths(dense)
+    assert dense_widths[0] == 24 and dense_widths[5] == 88  # 16 * 1.5 and 128 * 0.6875 channels
     assert active_gflops(moe, 128) == pytest.approx(active_gflops(dense, 128), rel=0.01)  # same trunk, top-1
 
 
