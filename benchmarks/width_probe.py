@@ -32,11 +32,6 @@ PARTS = {"backbone": range(0, 11), "early": range(0, 5), "deep": range(5, 11), "
 WIDENED = {"Conv", "C3k2", "MoEC3k2", "SPPF", "C2PSA"}  # the layers whose first argument is their output channels
 
 
-def widened_yaml(part: str) -> dict:
-    """yolo11.yaml at scale n, with the output channels of `part`'s layers doubled."""
-    return scaled_yaml({part: 2.0})
-
-
 def scaled_yaml(factors: dict[str, float], moe: bool = False) -> dict:
     """yolo11.yaml (visionmoe-yolo.yaml with `moe`) at scale n, with the output channels of each part's layers times
     its factor (channels rounded to Ultralytics' multiple of 8 at width 0.25)."""
@@ -72,7 +67,7 @@ def write(out: str | Path, factors: dict[str, float] | None = None, name: str = 
     if factors:
         models = {f"yolo11n-{name}": scaled_yaml(factors), f"visionmoe-yolo-{name}": scaled_yaml(factors, moe=True)}
     else:
-        models = {f"yolo11n-wide-{part}": widened_yaml(part) for part in PARTS}
+        models = {f"yolo11n-wide-{part}": scaled_yaml({part: 2.0}) for part in PARTS}  # YOLO11s's widths
     paths = []
     for stem, d in models.items():
         path = out / f"{stem}.yaml"
