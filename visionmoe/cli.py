@@ -10,7 +10,6 @@ from ultralytics.cfg import DEFAULT_CFG_DICT, parse_key_value_pair
 from ultralytics.utils import ASSETS, LOGGER
 
 from .data.synth import DEFAULT_IMAGES, DEFAULT_IMGSZ, generate
-from .data.synth import NAME as SYNTH_NAME
 from .engine.benchmark import BENCHMARK_ARGS, benchmark
 from .engine.compare import COMPARE_KEYS, DEFAULT_MODELS, compare
 from .export import EXPORT_DISPATCHES, EXPORT_KEYS
@@ -18,7 +17,13 @@ from .models.yolo.model import DEFAULT_MODEL
 from .nn.settings import MoESettings, pop_moe_overrides
 
 MODES = ("train", "val", "predict", "track", "export", "analyze", "compare", "benchmark", "data", "info", "help")
-SYNTH_DEFAULTS = {"out": f"DATASETS_DIR/{SYNTH_NAME}", "seed": 0, "images": DEFAULT_IMAGES, "imgsz": DEFAULT_IMGSZ}
+SYNTH_DEFAULTS = {
+    "out": "DATASETS_DIR/synth-<objects>",
+    "seed": 0,
+    "images": DEFAULT_IMAGES,
+    "imgsz": DEFAULT_IMGSZ,
+    "objects": "shapes",
+}
 COMPARE_DEFAULTS = {"models": ",".join(DEFAULT_MODELS), "seeds": 3}
 
 HELP = f"""
@@ -46,6 +51,7 @@ Examples:
   visionmoe compare data=synth-shapes.yaml models=visionmoe-yolo-n.yaml,yolo11n.yaml epochs=10 imgsz=128 seeds=3
   visionmoe benchmark model=visionmoe-yolo-n.yaml imgsz=640   # every format, side by side with YOLO11n
   visionmoe data synth out=datasets/synth-shapes seed=0 images={DEFAULT_IMAGES} imgsz={DEFAULT_IMGSZ}
+  visionmoe data synth objects=glyphs   # 26 letters instead of 6 shapes, same domains: DATASETS_DIR/synth-glyphs
 """
 
 
@@ -72,7 +78,9 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
         valid = [*BENCHMARK_ARGS, *MoESettings.keys()]
     if mode == "data":
         if pairs[:1] != ["synth"]:
-            raise UsageError("data needs a tool: 'visionmoe data synth [out=DIR seed=0 images=N imgsz=S]'")
+            raise UsageError(
+                "data needs a tool: 'visionmoe data synth [out=DIR seed=0 images=N imgsz=S objects=shapes|glyphs]'"
+            )
         pairs, valid = pairs[1:], list(SYNTH_DEFAULTS)
     for pair in pairs:
         if "=" not in pair:

@@ -1,8 +1,10 @@
-"""Synthetic multi-domain detection set: OpenCV shapes under albumentations domain effects, small enough for a CPU.
+"""Synthetic multi-domain detection set: OpenCV shapes or letters under albumentations domain effects, for a CPU.
 
-Each image shows 1-4 non-overlapping shapes (the classes) in one visual domain. The domain of image i is
-DOMAINS[i % len(DOMAINS)], so every split holds every domain in equal shares. All randomness of image i comes from
-generators seeded by (seed, i), so the same arguments give byte-identical files in any order and on any run.
+Each image shows 1-4 non-overlapping objects in one visual domain: 6 shapes (`objects='shapes'`, the default), or
+26 capital letters (`objects='glyphs'`: a harder set, with many classes and fewer examples of each). The domain of
+image i is DOMAINS[i % len(DOMAINS)], so every split holds every domain in equal shares. All randomness of image i
+comes from generators seeded by (seed, i), so the same arguments give byte-identical files in any order and on any
+run.
 
 Layout under `out` (the data YAML has no `path:`, so Ultralytics takes its folder as the dataset root):
     images/{train,val}/NNNNN.jpg, labels/{train,val}/NNNNN.txt (YOLO), domains.csv (image stem, domain),
@@ -12,6 +14,7 @@ Layout under `out` (the data YAML has no `path:`, so Ultralytics takes its folde
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 
 import cv2
@@ -25,6 +28,9 @@ import albumentations as A  # noqa: E402
 
 NAME = "synth-shapes"
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring")
+GLYPHS = tuple(string.ascii_uppercase)
+OBJECTS = {"shapes": CLASSES, "glyphs": GLYPHS}  # the object families: `objects` -> class names
+GLYPH_FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX)  # built into OpenCV: nothing to download
 DOMAINS = ("clean", "noisy", "blurred", "lowlight", "cluttered", "colourshift")
 # Domains of like looks share an expert of the 4-expert default models under domain routing (`domain_loss`).
 DOMAIN_EXPERTS = {"clean": 0, "colourshift": 0, "cluttered": 1, "noisy": 2, "lowlight": 2, "blurred": 3}
@@ -88,6 +94,26 @@ def _draw_shape(img: np.ndarray, kind: str, cx: float, cy: float, r: float, angl
     return np.concatenate([pts.min(0), pts.max(0)])
 
 
+def _draw_glyph(
+    img: np.ndarray, char: str, cx: float, cy: float, r: float, angle: float, colour: tuple, font: int
+) -> np.ndarray:
+    """Draw one letter, rotated by angle (radians), inside the circle of radius r; returns its tight box in pixels."""
+    (w, h), base = cv2.getTextSize(char, font, 1.0, 2)
+    scale = 2 * r / np.hypot(w, h + base)  # the text box's diagonal spans the circle, so any rotation stays inside
+    thickness = max(1, round(2.2 * scale))
+    (w, h), base = cv2.getTextSize(char, font, scale, thickness)
+    pad = int(r) + 1  # the mask square lies inside the image, as the circle does (render keeps r + 1 from the edges)
+    mask = np.zeros((2 * pad, 2 * pad), np.uint8)
+    cv2.putText(mask, char, (pad - w // 2, pad + (h - base) // 2), font, scale, 255, thickness, cv2.LINE_AA)
+    mask = cv2.warpAffine(mask, cv2.getRotationMatrix2D((pad, pad), np.degrees(angle), 1.0), mask.shape[::-1])
+    x0, y0 = round(cx) - pad, round(cy) - pad
+    alpha = mask[..., None].astype(np.float32) / 255
+    region = img[y0 : y0 + 2 * pad, x0 : x0 + 2 * pad]
+    region[:] = (region * (1 - alpha) + np.array(colour, np.float32) * alpha).round().astype(np.uint8)
+    ys, xs = np.nonzero(mask > 127)
+    return np.array([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1], dtype=np.float64)
+
+
 def _background(rng: np.random.Generator, size: int, cluttered: bool) -> np.ndarray:
     """A smooth two-colour gradient, or for cluttered images a blotchy texture crossed by random lines."""
     a, b = rng.integers(0, 256, (2, 3))
@@ -107,8 +133,11 @@ def _background(rng: np.random.Generator, size: int, cluttered: bool) -> np.ndar
     return img
 
 
-def render(index: int, seed: int = 0, imgsz: int = DEFAULT_IMGSZ) -> tuple[np.ndarray, np.ndarray, str]:
+def render(
+    index: int, seed: int = 0, imgsz: int = DEFAULT_IMGSZ, objects: str = "shapes"
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Image `index` of the set: (BGR uint8 [imgsz, imgsz, 3], labels [n, 5] as class cx cy w h normalised, domain)."""
+    names = OBJECTS[objects]
     rng = np.random.default_rng([seed, index])
     domain = DOMAINS[index % len(DOMAINS)]
     img = _background(rng, imgsz, domain == "cluttered")
@@ -121,13 +150,18 @@ def render(index: int, seed: int = 0, imgsz: int = DEFAULT_IMGSZ) -> tuple[np.nd
                 break
         else:
             continue
-        cls = int(rng.integers(len(CLASSES)))
+        cls = int(rng.integers(len(names)))
         # a colour far from the local background keeps the object visible before the domain effect degrades it
         local = img[int(cy - r) : int(cy + r), int(cx - r) : int(cx + r)].reshape(-1, 3).mean(0)
         colour = rng.integers(0, 256, 3)
         while np.abs(colour - local).sum() < 180:
             colour = rng.integers(0, 256, 3)
-        box = _draw_shape(img, CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * np.pi), tuple(int(c) for c in colour))
+        colour = tuple(int(c) for c in colour)
+        if objects == "glyphs":  # upright within 25 degrees, so that letters keep their identity (M is no W)
+            font = GLYPH_FONTS[int(rng.integers(len(GLYPH_FONTS)))]
+            box = _draw_glyph(img, names[cls], cx, cy, r, rng.uniform(-0.44, 0.44), colour, font)
+        else:
+            box = _draw_shape(img, names[cls], cx, cy, r, rng.uniform(0, 2 * np.pi), colour)
         boxes.append((cx, cy, r))
         x1, y1, x2, y2 = box.clip(0, imgsz) / imgsz
         labels.append((cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1))
@@ -138,17 +172,24 @@ def render(index: int, seed: int = 0, imgsz: int = DEFAULT_IMGSZ) -> tuple[np.nd
 
 
 def generate(
-    out: str | Path | None = None, seed: int = 0, images: int = DEFAULT_IMAGES, imgsz: int = DEFAULT_IMGSZ
+    out: str | Path | None = None,
+    seed: int = 0,
+    images: int = DEFAULT_IMAGES,
+    imgsz: int = DEFAULT_IMGSZ,
+    objects: str = "shapes",
 ) -> Path:
-    """Write the set to `out` (default: DATASETS_DIR/synth-shapes) and return the path of its data YAML."""
+    """Write the set to `out` (default: DATASETS_DIR/synth-<objects>) and return the path of its data YAML."""
     if not (isinstance(images, int) and images >= 2 and isinstance(imgsz, int) and imgsz >= 32):
         raise ValueError(f"synth needs images >= 2 and imgsz >= 32 (integers), got images={images!r} imgsz={imgsz!r}")
-    out = Path(out or DATASETS_DIR / NAME)
+    if objects not in OBJECTS:
+        raise ValueError(f"synth objects={objects!r} is not a family: use one of {', '.join(OBJECTS)}")
+    name = f"synth-{objects}"
+    out = Path(out or DATASETS_DIR / name)
     n_val = max(1, round(images * VAL_FRACTION))
     rows = ["image,domain"]
-    for i in TQDM(range(images), desc=f"synth-shapes -> {out}"):
+    for i in TQDM(range(images), desc=f"{name} -> {out}"):
         split = "train" if i < images - n_val else "val"
-        img, labels, domain = render(i, seed, imgsz)
+        img, labels, domain = render(i, seed, imgsz, objects)
         stem = f"{i:05d}"
         for folder in ("images", "labels"):
             (out / folder / split).mkdir(parents=True, exist_ok=True)
@@ -158,19 +199,19 @@ def generate(
         (out / "labels" / split / f"{stem}.txt").write_text("".join(f"{line}\n" for line in lines))
         rows.append(f"{stem},{domain}")
     (out / DOMAINS_FILE).write_text("\n".join(rows) + "\n")
-    yaml_file = out / f"{NAME}.yaml"
-    YAML.save(yaml_file, data_yaml(seed, images, imgsz))
-    LOGGER.info(f"{NAME}: {images} images ({images - n_val} train, {n_val} val), {imgsz} px, seed {seed}: {yaml_file}")
+    yaml_file = out / f"{name}.yaml"
+    YAML.save(yaml_file, data_yaml(seed, images, imgsz, objects))
+    LOGGER.info(f"{name}: {images} images ({images - n_val} train, {n_val} val), {imgsz} px, seed {seed}: {yaml_file}")
     return yaml_file
 
 
-def data_yaml(seed: int, images: int, imgsz: int) -> dict:
+def data_yaml(seed: int, images: int, imgsz: int, objects: str = "shapes") -> dict:
     """The data YAML of a generated set (no `path:`, so the YAML's folder is the root)."""
     return {
         "train": "images/train",
         "val": "images/val",
-        "names": dict(enumerate(CLASSES)),
+        "names": dict(enumerate(OBJECTS[objects])),
         "domains": DOMAINS_FILE,
         "domain_experts": dict(DOMAIN_EXPERTS),
-        "synth": {"seed": seed, "images": images, "imgsz": imgsz, "domains": list(DOMAINS)},
+        "synth": {"seed": seed, "images": images, "imgsz": imgsz, "objects": objects, "domains": list(DOMAINS)},
     }
