@@ -8,7 +8,7 @@ run.
 
 Layout under `out` (the data YAML has no `path:`, so Ultralytics takes its folder as the dataset root):
     images/{train,val}/NNNNN.jpg, labels/{train,val}/NNNNN.txt (YOLO), domains.csv (image stem, domain),
-    synth-shapes.yaml (references domains.csv through `domains:`, as `visionmoe analyze` reads it).
+    synth-<objects>.yaml (references domains.csv through `domains:`, as `visionmoe analyze` reads it).
 """
 
 from __future__ import annotations
