@@ -85,21 +85,11 @@ class FineMoEC3k2(MoEC3k2):
         """Copy each group's first expert into the rest of its group (weights and norm statistics)."""
         if residual:
             raise ValueError("fine experts split by copying; residual_experts is not supported here")
-        self.tied = False
-        if self.router.detach_while_tied:
-            self.router.detach_input = False
-        per, pairs = len(self.experts) // self.router.top_k, []
-        with torch.no_grad():
-            for i, expert in enumerate(self.experts):
-                source = self.experts[i - i % per]
-                if expert is source:
-                    continue
-                for a, b in zip(source.parameters(), expert.parameters()):
-                    b.copy_(a)
-                    pairs.append((a, b))
-                for a, b in zip(source.buffers(), expert.buffers()):
-                    b.copy_(a)
-        return pairs
+        return super().split()
+
+    def split_source(self, index: int) -> int:
+        """The first expert of `index`'s group."""
+        return index - index % (len(self.experts) // self.router.top_k)
 
 
 def make_fine(blocks: list[MoEC3k2]) -> None:

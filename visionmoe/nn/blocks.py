@@ -88,9 +88,12 @@ class MoEBlock(nn.Module):
         self.tied = False
         if self.router.detach_while_tied:
             self.router.detach_input = False
-        source, pairs = self.experts[0], []
+        pairs = []
         with torch.no_grad():
-            for expert in self.experts[1:]:
+            for i, expert in enumerate(self.experts):
+                source = self.experts[self.split_source(i)]
+                if expert is source:
+                    continue
                 for a, b in zip(source.parameters(), expert.parameters()):
                     if residual:
                         b.zero_()
@@ -101,6 +104,10 @@ class MoEBlock(nn.Module):
                     b.copy_(a)
         self.residual = residual
         return pairs
+
+    def split_source(self, index: int) -> int:
+        """The tied expert that `split` copies into expert `index`: experts[0] for every expert here."""
+        return 0
 
     def routed_experts(self) -> nn.ModuleList | list[nn.Module]:
         """The experts as routing runs them: `experts`, or after a residual split experts[0] and the
