@@ -77,7 +77,8 @@ class MoEBlock(nn.Module):
             self.router.detach_input = True
 
     def split(self, residual: bool = False) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """End the dense warmup: copy experts[0] (weights and norm statistics) into every other expert and route.
+        """End the dense warmup: copy experts[0] (weights and norm statistics; `split_source` names the source, which a
+        subclass may vary) into every other expert and route.
 
         With renormalized gates every choice then computes what the tied block did. Returns (source, copy) pairs of
         parameters, so that a trainer can copy optimizer state along. `residual` (the `residual_experts` setting):
