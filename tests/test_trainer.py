@@ -193,3 +193,50 @@ def test_domain_loss_routes_each_training_image_to_its_domain_expert(tmp_path, c
     for row in csv.DictReader(open(trainer.save_dir / "expert_utilisation.csv")):  # the routed epoch only
         counts.setdefault(row["layer"], []).append(int(row["count"]))
     assert len(counts) == 6 and all(c == [2, 1, 1, 0] for c in counts.values()), counts
+
+
+def test_split_moments_prototype_scales_the_copies_second_moments_and_the_meter_sees_the_steps(monkeypatch):
+    """benchmarks/split_moments.py and expert_steps.py (recipe.md, stop 36): at the split every expert copy gets the
+    tied expert's second moment times the scale and nothing else changes; the meter divides each group's relative
+    step by the learning rate."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from visionmoe.models.yolo.train import _split_after_dense_warmup
+    from visionmoe.nn.tasks import build_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from expert_steps import StepMeter
+    from split_moments import scale_expert_moments
+
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False, dense_warmup=0.5)
+    for block in model.moe_blocks():
+        block.tie()
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.add_param_group({"params": [], "lr": 0.01})  # Ultralytics' weights group is group 1
+    untied = {p for block in model.moe_blocks() for p in block.experts[1:].parameters()}  # idle while tied
+    tied = [p for p in model.parameters() if p not in untied]
+    for p in tied:
+        optimizer.state[p] = {"step": torch.tensor(5.0), "exp_avg": p.detach() * 0, "exp_avg_sq": torch.rand_like(p)}
+    before = {p: optimizer.state[p]["exp_avg_sq"].clone() for p in tied}
+    trainer = SimpleNamespace(model=model, ema=None, epochs=4, epoch=2, optimizer=optimizer)
+    scale_expert_moments(SimpleNamespace(**{**vars(trainer), "epoch": 1}), 0.25)  # not the split epoch: no change
+    assert all(torch.equal(optimizer.state[p]["exp_avg_sq"], v) for p, v in before.items())
+    _split_after_dense_warmup(trainer)
+    scale_expert_moments(trainer, 0.25)
+    for block in model.moe_blocks():
+        source = list(block.experts[0].parameters())
+        for expert in block.experts:
+            for p, s in zip(expert.parameters(), source):
+                torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"], 0.25 * before[s])
+    experts = {p for b in model.moe_blocks() for p in b.experts.parameters()}
+    assert all(torch.equal(optimizer.state[p]["exp_avg_sq"], before[p]) for p in tied if p not in experts)
+
+    meter = StepMeter()
+    meter.start(trainer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(1.02 if ".experts.0." in name else 1.04)
+    meter.end(trainer)
+    expert, other = meter.steps[2][0]
+    assert expert == pytest.approx(0.02 / 0.01, rel=1e-3) and other == pytest.approx(0.04 / 0.01, rel=1e-3)
