@@ -8,9 +8,9 @@ The default split gives every copy the tied expert's optimizer state. That state
 built from gradients of every image in a batch; after the split an expert's gradient comes from its own images only,
 about a quarter of them at E=4, k=1, so it is smaller, and since v forgets at beta2=0.999 (about 1000 steps, more
 than the 600 of a 20-epoch synth-shapes run's routed half) each expert steps at a fraction of the learning rate the
-tied expert stepped at for the rest of the run: the copies barely move apart. `scale` multiplies the copies' v
-(expert weights only), so a copy steps as far as the tied expert did when its gradient is `sqrt(scale)` of the tied
-one's; `scale=1` is the default split.
+tied expert stepped at for the rest of the run, and the copies move apart more slowly than they could. `scale`
+multiplies the copies' v (the experts' parameters only), so a copy steps as far as the tied expert did when its
+gradient is `sqrt(scale)` of the tied one's; `scale=1` is the default split.
 """
 
 from __future__ import annotations
