@@ -1,11 +1,12 @@
 """Shared entry point of the prototype recipes that change how the MoE blocks route (merged_experts.py,
 pixel_routing.py, shared_routing.py): `visionmoe train` with every MoEC3k2 of the model given another class, in that
-run only."""
+run only; and the command-line helpers of the prototypes that train otherwise (split_moments.py, expert_steps.py)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from ultralytics.cfg import DEFAULT_CFG
 
@@ -29,6 +30,22 @@ def train_with_block(block_class: type[MoEC3k2], prepare: Callable[[list[MoEC3k2
                 prepare(model.moe_blocks())
             return model
 
-    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
     # domain_loss=0 unless given: these recipes were measured before domain_loss=auto became the default
-    PrototypeTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", "domain_loss": 0, **overrides, **settings}).train()
+    trainer_from_argv(PrototypeTrainer, domain_loss=0).train()
+
+
+def trainer_from_argv(
+    trainer_class: type[MoEDetectionTrainer] = MoEDetectionTrainer, **defaults: Any
+) -> MoEDetectionTrainer:
+    """A trainer for `visionmoe train <command-line arguments>` (model visionmoe-yolo-n.yaml and `defaults` unless
+    given)."""
+    _, overrides, settings = parse_args(["train", *sys.argv[1:]])
+    return trainer_class(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **defaults, **overrides, **settings})
+
+
+def pop_arg(key: str) -> str | None:
+    """Remove a script's own `key=value` from the command line, so that the rest parse as `visionmoe train`
+    arguments, and return its value (None when not given)."""
+    value = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"{key}=")), None)
+    sys.argv = [a for a in sys.argv if not a.startswith(f"{key}=")]
+    return value

@@ -13,15 +13,13 @@ moves per step against how far it moved tied. `moment_scale` scales the copies' 
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 
 import torch
+from block_prototype import pop_arg, trainer_from_argv
 from split_moments import scale_expert_moments
-from ultralytics.cfg import DEFAULT_CFG
 from ultralytics.utils.torch_utils import unwrap_model
 
-from visionmoe.cli import parse_args
 from visionmoe.models.yolo.train import MoEDetectionTrainer, split_epoch
 
 
@@ -68,9 +66,8 @@ class StepMeter:
 
 
 if __name__ == "__main__":
-    scale = float(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("moment_scale=")), 1.0))
-    _, overrides, settings = parse_args(["train", *(a for a in sys.argv[1:] if not a.startswith("moment_scale="))])
-    trainer = MoEDetectionTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings})
+    scale = float(pop_arg("moment_scale") or 1.0)
+    trainer = trainer_from_argv()
     meter = StepMeter()
     trainer.add_callback("on_train_batch_start", meter.start)
     trainer.add_callback("on_train_batch_end", meter.end)

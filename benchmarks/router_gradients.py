@@ -18,10 +18,9 @@ features while the blocks are tied and all of them after the split, became the s
 
 from __future__ import annotations
 
-import sys
 
 import torch
-from block_prototype import train_with_block
+from block_prototype import pop_arg, train_with_block
 
 from visionmoe.nn.blocks import MoEC3k2
 from visionmoe.nn.router import Router
@@ -59,8 +58,7 @@ VARIANTS = {
 }
 
 if __name__ == "__main__":
-    variant = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("variant=")), None)
+    variant = pop_arg("variant")
     if variant not in VARIANTS:
         raise SystemExit(f"give variant=<{'|'.join(VARIANTS)}> (got {variant!r})")
-    sys.argv = [a for a in sys.argv if not a.startswith("variant=")]
     train_with_block(*VARIANTS[variant])

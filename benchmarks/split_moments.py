@@ -1,27 +1,25 @@
 """Prototype recipe: at the dense-warmup split, scale each expert copy's Adam second moment to the gradients it
 will see.
 
-    python benchmarks/split_moments.py scale=0.25 data=synth-shapes.yaml epochs=20 imgsz=128 batch=16 nbs=16 \
+    python benchmarks/split_moments.py moment_scale=0.25 data=synth-shapes.yaml epochs=20 imgsz=128 batch=16 nbs=16 \
         workers=1 seed=0 project=/tmp/exp/train name=moments_q [any other `visionmoe train` setting]
 
 The default split gives every copy the tied expert's optimizer state. That state's second moment (Adam's v) was
 built from gradients of every image in a batch; after the split an expert's gradient comes from its own images only,
 about a quarter of them at E=4, k=1, so it is smaller, and since v forgets at beta2=0.999 (about 1000 steps, more
 than the 600 of a 20-epoch synth-shapes run's routed half) each expert steps at a fraction of the learning rate the
-tied expert stepped at for the rest of the run, and the copies move apart more slowly than they could. `scale`
-multiplies the copies' v (the experts' parameters only), so a copy steps as far as the tied expert did when its
-gradient is `sqrt(scale)` of the tied one's; `scale=1` is the default split.
+tied expert stepped at for the rest of the run, and the copies move apart more slowly than they could.
+`moment_scale` (not `scale`, Ultralytics' augmentation setting) multiplies the copies' v (the experts' parameters
+only), so a copy steps as far as the tied expert did when its gradient is `sqrt(moment_scale)` of the tied one's;
+`moment_scale=1` is the default split.
 """
 
 from __future__ import annotations
 
-import sys
-
-from ultralytics.cfg import DEFAULT_CFG
+from block_prototype import pop_arg, trainer_from_argv
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
-from visionmoe.cli import parse_args
 from visionmoe.models.yolo.train import MoEDetectionTrainer, split_epoch
 
 
@@ -40,10 +38,8 @@ def scale_expert_moments(trainer: MoEDetectionTrainer, scale: float) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("scale=")]
-    scale = float(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("scale=")), 0.25))
-    _, overrides, settings = parse_args(["train", *args])
-    trainer = MoEDetectionTrainer(DEFAULT_CFG, {"model": "visionmoe-yolo-n.yaml", **overrides, **settings})
+    scale = float(pop_arg("moment_scale") or 0.25)
+    trainer = trainer_from_argv()
     # registered after the trainer's own split callback, so the copies' state exists when it runs
     trainer.add_callback("on_train_epoch_start", lambda t: scale_expert_moments(t, scale))
     trainer.train()
