@@ -1,6 +1,6 @@
 """Shared entry point of the prototype recipes that change how the MoE blocks route (merged_experts.py,
 pixel_routing.py, shared_routing.py): `visionmoe train` with every MoEC3k2 of the model given another class, in that
-run only; and the command-line helpers of the prototypes that train otherwise (split_moments.py, expert_steps.py)."""
+run only; and the command-line helpers of the scripts that train otherwise (router_gradients.py, expert_steps.py)."""
 
 from __future__ import annotations
 

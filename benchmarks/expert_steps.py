@@ -1,14 +1,14 @@
 """How far an optimizer step moves the experts, against the block weights around them, before and after the split.
 
-    python benchmarks/expert_steps.py [moment_scale=0.25] data=synth-shapes.yaml epochs=4 imgsz=128 batch=16 nbs=16 \
-        workers=1 seed=0 val=False project=/tmp/exp/probe name=steps [any other `visionmoe train` setting]
+    python benchmarks/expert_steps.py [split_moment_scale=0.25] data=synth-shapes.yaml epochs=4 imgsz=128 batch=16 \
+        nbs=16 workers=1 seed=0 val=False project=/tmp/exp/probe name=steps [any other `visionmoe train` setting]
 
 Trains visionmoe-yolo-n (the default dense warmup splits at half the epochs) and prints, per epoch, the mean
 relative step of expert 0's conv weights in every MoE block (|w_after - w_before| / |w_before| over the step,
 divided by the learning rate) and the same for every other conv weight of the model. Expert 0 is the tied expert
 before the split and one of the E copies after it, so the ratio of the two columns shows how far a routed expert
-moves per step against how far it moved tied. `moment_scale` scales the copies' Adam second moments at the split
-(`split_moments.py`); 1 is the default split.
+moves per step against how far it moved tied (the `split_moment_scale` setting scales the experts' Adam second
+moments at the split).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from block_prototype import pop_arg, trainer_from_argv
-from split_moments import scale_expert_moments
+from block_prototype import trainer_from_argv
 from ultralytics.utils.torch_utils import unwrap_model
 
 from visionmoe.models.yolo.train import MoEDetectionTrainer, split_epoch
@@ -66,12 +65,9 @@ class StepMeter:
 
 
 if __name__ == "__main__":
-    scale = float(pop_arg("moment_scale") or 1.0)
     trainer = trainer_from_argv()
     meter = StepMeter()
     trainer.add_callback("on_train_batch_start", meter.start)
     trainer.add_callback("on_train_batch_end", meter.end)
-    if scale != 1.0:
-        trainer.add_callback("on_train_epoch_start", lambda t: scale_expert_moments(t, scale))
     trainer.train()
     meter.report(split_epoch(trainer))

@@ -206,6 +206,9 @@ def test_scale_from_name():
         ({"detach_router": 1}, "detach_router=1, use True, False or 'warmup'"),
         ({"residual_experts": "yes"}, "residual_experts='yes', use True or False"),
         ({"residual_experts": True, "dense_warmup": 0.0}, "residual_experts=True needs dense_warmup > 0"),
+        ({"split_moment_scale": 0}, "split_moment_scale=0, use a number in \\(0, 1\\]"),
+        ({"split_moment_scale": 0.25, "dense_warmup": 0.0}, "split_moment_scale=0.25 needs dense_warmup > 0"),
+        ({"split_moment_scale": 0.25, "residual_experts": True}, "split_moment_scale=0.25 needs .*residual_experts"),
         ({"router_context": 6}, "router_context=6 must name a layer before the first per-image MoE block \\(layer 6"),
     ],
 )

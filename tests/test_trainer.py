@@ -195,42 +195,55 @@ def test_domain_loss_routes_each_training_image_to_its_domain_expert(tmp_path, c
     assert len(counts) == 6 and all(c == [2, 1, 1, 0] for c in counts.values()), counts
 
 
-def test_split_moments_prototype_scales_the_copies_second_moments_and_the_meter_sees_the_steps(monkeypatch):
-    """benchmarks/split_moments.py and expert_steps.py (recipe.md, stop 36): at the split every expert copy gets the
-    tied expert's second moment times the scale and nothing else changes; the meter divides each group's relative
-    step by the learning rate."""
+def test_split_moment_scale_scales_the_experts_second_moments_and_the_meter_sees_the_steps(monkeypatch):
+    """`split_moment_scale` (recipe.md, stop 37): at the split every expert gets the tied expert's second moment times
+    the scale, and nothing else changes; an optimizer without second moments is told the setting did nothing.
+    benchmarks/expert_steps.py's meter divides each group's relative step by the learning rate."""
     from pathlib import Path
     from types import SimpleNamespace
 
-    from visionmoe.models.yolo.train import _split_after_dense_warmup
+    from visionmoe.models.yolo import train
     from visionmoe.nn.tasks import build_model
 
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from expert_steps import StepMeter
-    from split_moments import scale_expert_moments
 
-    model = build_model("visionmoe-yolo-n.yaml", verbose=False, dense_warmup=0.5)
-    for block in model.moe_blocks():
-        block.tie()
-    optimizer = torch.optim.AdamW(model.parameters())
-    optimizer.add_param_group({"params": [], "lr": 0.01})  # Ultralytics' weights group is group 1
+    def tied_model(optimizer_class: type[torch.optim.Optimizer]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = build_model("visionmoe-yolo-n.yaml", verbose=False, dense_warmup=0.5, split_moment_scale=0.25)
+        for block in model.moe_blocks():
+            block.tie()
+        optimizer = optimizer_class(model.parameters(), lr=0.01)
+        optimizer.add_param_group({"params": [], "lr": 0.01})  # Ultralytics' weights group is group 1
+        return model, optimizer
+
+    model, optimizer = tied_model(torch.optim.AdamW)
     untied = {p for block in model.moe_blocks() for p in block.experts[1:].parameters()}  # idle while tied
     tied = [p for p in model.parameters() if p not in untied]
     for p in tied:
-        optimizer.state[p] = {"step": torch.tensor(5.0), "exp_avg": p.detach() * 0, "exp_avg_sq": torch.rand_like(p)}
-    before = {p: optimizer.state[p]["exp_avg_sq"].clone() for p in tied}
-    trainer = SimpleNamespace(model=model, ema=None, epochs=4, epoch=2, optimizer=optimizer)
-    scale_expert_moments(SimpleNamespace(**{**vars(trainer), "epoch": 1}), 0.25)  # not the split epoch: no change
-    assert all(torch.equal(optimizer.state[p]["exp_avg_sq"], v) for p, v in before.items())
-    _split_after_dense_warmup(trainer)
-    scale_expert_moments(trainer, 0.25)
+        moments = {"exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+        optimizer.state[p] = {"step": torch.tensor(5.0), **moments}
+    before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in tied}
+    trainer = SimpleNamespace(model=model, ema=None, epochs=4, epoch=1, optimizer=optimizer)
+    train._split_after_dense_warmup(trainer)  # still tied: no change
+    assert all(torch.equal(optimizer.state[p]["exp_avg_sq"], v["exp_avg_sq"]) for p, v in before.items())
+    trainer.epoch = 2
+    train._split_after_dense_warmup(trainer)
     for block in model.moe_blocks():
         source = list(block.experts[0].parameters())
         for expert in block.experts:
             for p, s in zip(expert.parameters(), source):
-                torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"], 0.25 * before[s])
+                torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"], 0.25 * before[s]["exp_avg_sq"])
+                assert torch.equal(optimizer.state[p]["exp_avg"], before[s]["exp_avg"])
     experts = {p for b in model.moe_blocks() for p in b.experts.parameters()}
-    assert all(torch.equal(optimizer.state[p]["exp_avg_sq"], before[p]) for p in tied if p not in experts)
+    assert all(torch.equal(optimizer.state[p]["exp_avg_sq"], before[p]["exp_avg_sq"]) for p in tied if p not in experts)
+
+    warnings = []
+    monkeypatch.setattr(train.LOGGER, "warning", warnings.append)
+    sgd_model, sgd = tied_model(torch.optim.SGD)
+    for p in sgd_model.parameters():
+        sgd.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+    train._split_after_dense_warmup(SimpleNamespace(model=sgd_model, ema=None, epochs=4, epoch=2, optimizer=sgd))
+    assert len(warnings) == 1 and "split_moment_scale=0.25 had no effect: SGD keeps no second moments" in warnings[0]
 
     meter = StepMeter()
     meter.start(trainer)

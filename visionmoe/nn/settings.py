@@ -66,6 +66,12 @@ class MoESettings:
             image chose, and each delta from its own images; the default split copies expert 0 into E independent
             experts, each of which learns from its share of the images alone. Active compute is unchanged; fusion
             and export fold the sums into independent experts (`MoEBlock.fold_residual`). Needs dense_warmup > 0.
+        split_moment_scale: At the end of the dense warmup, multiply every routed expert's Adam second moment (v)
+            by this. The copies inherit the tied expert's v, built from the gradients of every image; a routed
+            expert's gradient comes from its own images only (about k/E of them), so with the inherited v it steps
+            at a fraction of the tied step until v forgets (beta2=0.999: ~1000 steps). k/E lets each expert step as
+            far as the tied one did; 1 keeps the inherited v. Optimizers without a second moment (SGD) ignore it.
+            Needs dense_warmup > 0 and residual_experts=False (a residual split's deltas start with fresh state).
         domain_loss: Weight of each per-image router's class-balanced cross-entropy with the expert of the image's
             domain (DAMEX-style domain routing, for data sets merged from sources that differ in look or labelling;
             `routing.domain_loss`). When > 0, training routes every tagged image to its domain's expert and teaches
@@ -96,6 +102,7 @@ class MoESettings:
     dense_warmup: float = 0.0
     freeze_expert_norm: bool = False
     residual_experts: bool = False
+    split_moment_scale: float = 1.0
     domain_loss: float | str = "auto"
 
     def __post_init__(self) -> None:
@@ -152,6 +159,15 @@ class MoESettings:
             fail("freeze_expert_norm=True needs dense_warmup > 0, whose full batches give the statistics it freezes")
         if self.residual_experts and not self.dense_warmup > 0:
             fail("residual_experts=True needs dense_warmup > 0: the experts become deltas on the tied one at the split")
+        scale = self.split_moment_scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
+            fail(f"split_moment_scale={scale!r}, use a number in (0, 1]: 1 keeps the tied expert's second moments")
+        if scale != 1 and (not self.dense_warmup > 0 or self.residual_experts):
+            fail(
+                f"split_moment_scale={scale} needs dense_warmup > 0 and residual_experts=False (got "
+                f"dense_warmup={self.dense_warmup}, residual_experts={self.residual_experts}): it scales the copies "
+                "made at the split"
+            )
         if self.capacity_factor is not None:
             cf = self.capacity_factor
             if isinstance(cf, (int, float)) and not isinstance(cf, bool):

@@ -263,9 +263,10 @@ def _tie_for_dense_warmup(trainer: MoEDetectionTrainer) -> None:
 
 def _split_after_dense_warmup(trainer: MoEDetectionTrainer) -> None:
     """At the end of the dense warmup, split every tied block into E copies of its expert, in the trained model and
-    its EMA, give each copy the optimizer state (momentum, Adam moments) of the expert it copies, and freeze the
-    experts' norm statistics where the settings ask for it. Under `residual_experts` the block splits into its expert
-    and E-1 zero deltas on it instead, which start with fresh optimizer state."""
+    its EMA, give each copy the optimizer state (momentum, Adam moments) of the expert it copies, scale the experts'
+    second moments by `split_moment_scale`, and freeze the experts' norm statistics where the settings ask for it.
+    Under `residual_experts` the block splits into its expert and E-1 zero deltas on it instead, which start with
+    fresh optimizer state."""
     if trainer.epoch < split_epoch(trainer):
         return
     tied = [block for model in _trained_models(trainer) for block in model.moe_blocks() if block.tied]
@@ -274,14 +275,25 @@ def _split_after_dense_warmup(trainer: MoEDetectionTrainer) -> None:
     if tied and settings.router_init == "kmeans":
         _fit_routers_to_clusters(trainer)
     state = trainer.optimizer.state
+    scaled = 0
     for block in tied:
         for source, copy_ in block.split(residual=settings.residual_experts):
             if source in state:
                 state[copy_] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state[source].items()}
+        if settings.split_moment_scale != 1:  # the EMA's parameters have no optimizer state
+            for p in block.experts.parameters():
+                if "exp_avg_sq" in state.get(p, {}):
+                    state[p]["exp_avg_sq"].mul_(settings.split_moment_scale)
+                    scaled += 1
         if freeze:
             block.freeze_norm()
     if tied:
         LOGGER.info(f"MoE: dense warmup over at epoch {trainer.epoch + 1}; experts split and routing on")
+    if tied and settings.split_moment_scale != 1 and not scaled:
+        LOGGER.warning(
+            f"MoE: split_moment_scale={settings.split_moment_scale} had no effect: {type(trainer.optimizer).__name__} "
+            "keeps no second moments; train with optimizer=AdamW (or Adam) to use it"
+        )
 
 
 def unaugmented_train_loader(trainer: MoEDetectionTrainer) -> torch.utils.data.DataLoader:
