@@ -185,6 +185,21 @@ def test_yaml_moe_section_is_read(tmp_path):
     assert all(len(b.experts) == 3 for b in model.moe_blocks())
 
 
+@pytest.mark.parametrize(
+    "settings, scale",
+    [
+        ({"dense_warmup": 0.5}, 0.25),  # k/E: each expert sees about a quarter of the images
+        ({"dense_warmup": 0.5, "top_k": 2}, 0.5),
+        ({"dense_warmup": 0.5, "split_moment_scale": 0.6}, 0.6),
+        ({"dense_warmup": 0.5, "residual_experts": True}, 1.0),  # deltas start with fresh optimizer state
+        ({"dense_warmup": 0.0}, 1.0),  # no split
+    ],
+)
+def test_split_moment_scale_auto_is_k_over_e_where_experts_split_by_copying(settings, scale):
+    moe = {"renormalize": True, "split_moment_scale": "auto", **settings}
+    assert MoESettings.from_dict(moe).moment_scale_at_split() == scale
+
+
 def test_scale_from_name():
     assert load_model_yaml("visionmoe-yolo-s.yaml")["scale"] == "s"
 
@@ -207,6 +222,7 @@ def test_scale_from_name():
         ({"residual_experts": "yes"}, "residual_experts='yes', use True or False"),
         ({"residual_experts": True, "dense_warmup": 0.0}, "residual_experts=True needs dense_warmup > 0"),
         ({"split_moment_scale": 0}, "split_moment_scale=0, use a number in \\(0, 1\\]"),
+        ({"split_moment_scale": "half"}, "split_moment_scale='half', use a number in \\(0, 1\\] .* or 'auto'"),
         ({"split_moment_scale": 0.25, "dense_warmup": 0.0}, "split_moment_scale=0.25 needs dense_warmup > 0"),
         ({"split_moment_scale": 0.25, "residual_experts": True}, "split_moment_scale=0.25 needs .*residual_experts"),
         ({"router_context": 6}, "router_context=6 must name a layer before the first per-image MoE block \\(layer 6"),

@@ -70,8 +70,10 @@ class MoESettings:
             by this. The copies inherit the tied expert's v, built from the gradients of every image; a routed
             expert's gradient comes from its own images only (about k/E of them), so with the inherited v it steps
             at a fraction of the tied step until v forgets (beta2=0.999: ~1000 steps). k/E lets each expert step as
-            far as the tied one did; 1 keeps the inherited v. Optimizers without a second moment (SGD) ignore it.
-            Needs dense_warmup > 0 and residual_experts=False (a residual split's deltas start with fresh state).
+            far as the tied one did; 1 keeps the inherited v. 'auto': k/E where the experts split by copying
+            (dense_warmup > 0, residual_experts=False), else 1 (`moment_scale_at_split`). Optimizers without a
+            second moment (SGD) ignore it. A number other than 1 needs dense_warmup > 0 and residual_experts=False
+            (a residual split's deltas start with fresh state).
         domain_loss: Weight of each per-image router's class-balanced cross-entropy with the expert of the image's
             domain (DAMEX-style domain routing, for data sets merged from sources that differ in look or labelling;
             `routing.domain_loss`). When > 0, training routes every tagged image to its domain's expert and teaches
@@ -102,7 +104,7 @@ class MoESettings:
     dense_warmup: float = 0.0
     freeze_expert_norm: bool = False
     residual_experts: bool = False
-    split_moment_scale: float = 1.0
+    split_moment_scale: float | str = 1.0
     domain_loss: float | str = "auto"
 
     def __post_init__(self) -> None:
@@ -160,9 +162,12 @@ class MoESettings:
         if self.residual_experts and not self.dense_warmup > 0:
             fail("residual_experts=True needs dense_warmup > 0: the experts become deltas on the tied one at the split")
         scale = self.split_moment_scale
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
-            fail(f"split_moment_scale={scale!r}, use a number in (0, 1]: 1 keeps the tied expert's second moments")
-        if scale != 1 and (not self.dense_warmup > 0 or self.residual_experts):
+        if scale != "auto" and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1):
+            fail(
+                f"split_moment_scale={scale!r}, use a number in (0, 1] (1 keeps the tied expert's second moments) "
+                "or 'auto'"
+            )
+        if scale not in ("auto", 1) and (not self.dense_warmup > 0 or self.residual_experts):
             fail(
                 f"split_moment_scale={scale} needs dense_warmup > 0 and residual_experts=False (got "
                 f"dense_warmup={self.dense_warmup}, residual_experts={self.residual_experts}): it scales the copies "
@@ -189,6 +194,13 @@ class MoESettings:
         values = dict(values or {})
         check_keys(values, source)
         return cls(**values)
+
+    def moment_scale_at_split(self) -> float:
+        """The factor on the experts' second moments when the dense warmup ends (`split_moment_scale`)."""
+        if self.split_moment_scale != "auto":
+            return float(self.split_moment_scale)
+        copies = self.dense_warmup > 0 and not self.residual_experts
+        return self.top_k / self.experts if copies else 1.0
 
     def replace(self, **overrides: Any) -> MoESettings:
         """Return a copy with `overrides` applied and validated."""

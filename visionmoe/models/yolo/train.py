@@ -275,21 +275,22 @@ def _split_after_dense_warmup(trainer: MoEDetectionTrainer) -> None:
     if tied and settings.router_init == "kmeans":
         _fit_routers_to_clusters(trainer)
     state = trainer.optimizer.state
+    moment_scale = settings.moment_scale_at_split()
     scaled = 0
     for block in tied:
         for source, copy_ in block.split(residual=settings.residual_experts):
             if source in state:
                 state[copy_] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state[source].items()}
-        if settings.split_moment_scale != 1:  # the EMA's parameters have no optimizer state
+        if moment_scale != 1:  # the EMA's parameters have no optimizer state
             for p in block.experts.parameters():
                 if "exp_avg_sq" in state.get(p, {}):
-                    state[p]["exp_avg_sq"].mul_(settings.split_moment_scale)
+                    state[p]["exp_avg_sq"].mul_(moment_scale)
                     scaled += 1
         if freeze:
             block.freeze_norm()
     if tied:
         LOGGER.info(f"MoE: dense warmup over at epoch {trainer.epoch + 1}; experts split and routing on")
-    if tied and settings.split_moment_scale != 1 and not scaled:
+    if tied and moment_scale != 1 and not scaled and settings.split_moment_scale != "auto":  # a default stays quiet
         LOGGER.warning(
             f"MoE: split_moment_scale={settings.split_moment_scale} had no effect: {type(trainer.optimizer).__name__} "
             "keeps no second moments; train with optimizer=AdamW (or Adam) to use it"
