@@ -18,7 +18,6 @@ features while the blocks are tied and all of them after the split, became the s
 
 from __future__ import annotations
 
-
 import torch
 from block_prototype import pop_arg, train_with_block
 
