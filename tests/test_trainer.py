@@ -253,3 +253,31 @@ def test_split_moment_scale_scales_the_experts_second_moments_and_the_meter_sees
     meter.end(trainer)
     expert, other = meter.steps[2][0]
     assert expert == pytest.approx(0.02 / 0.01, rel=1e-3) and other == pytest.approx(0.04 / 0.01, rel=1e-3)
+
+
+def test_grad_norm_meter_reads_the_norm_the_trainer_clips_and_still_steps(monkeypatch):
+    """benchmarks/grad_norms.py (recipe.md, stop 38): the meter's total is the norm Ultralytics clips, split into the
+    routers' part and the rest, read before the trainer's own step, which still runs once per step."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from visionmoe.nn.tasks import build_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from grad_norms import NormMeter
+
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False)
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, 3.0 if ".router." in name else 0.5)
+    routers = sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    rest = sum(p.numel() for n, p in model.named_parameters() if ".router." not in n)
+    steps = []
+    trainer = SimpleNamespace(model=model, epoch=3, optimizer_step=lambda: steps.append(1))
+    meter = NormMeter()
+    meter.wrap(trainer)
+    trainer.optimizer_step()
+    total, router, other = meter.steps[3][0]
+    assert steps == [1]
+    assert router == pytest.approx(3.0 * routers**0.5, rel=1e-5) and other == pytest.approx(0.5 * rest**0.5, rel=1e-5)
+    clipped = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+    assert total == pytest.approx(float(clipped), rel=1e-5)
