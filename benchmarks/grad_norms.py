@@ -62,7 +62,8 @@ if __name__ == "__main__":
     dense = any(a.startswith("model=yolo") for a in sys.argv[1:])
     data = pop_arg("data")
     # packaged names (synth-shapes.yaml) resolve for the dense trainer as the MoE trainer resolves them
-    trainer = trainer_from_argv(DetectionTrainer if dense else MoEDetectionTrainer, data=str(find_data_yaml(data)))
+    defaults = {"data": str(find_data_yaml(data))} if data else {}
+    trainer = trainer_from_argv(DetectionTrainer if dense else MoEDetectionTrainer, **defaults)
     meter = NormMeter()
     trainer.add_callback("on_train_start", meter.wrap)
     trainer.train()
