@@ -22,6 +22,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import unwrap_model
 
 from visionmoe.data import find_data_yaml
+from visionmoe.engine.compare import is_moe_model
 from visionmoe.models.yolo.train import MoEDetectionTrainer
 
 MAX_NORM = 10.0  # BaseTrainer.optimizer_step
@@ -59,7 +60,8 @@ class NormMeter:
 
 
 if __name__ == "__main__":
-    dense = any(a.startswith("model=yolo") for a in sys.argv[1:])
+    model = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("model=")), "visionmoe-yolo-n.yaml")
+    dense = not is_moe_model(model)
     data = pop_arg("data")
     # packaged names (synth-shapes.yaml) resolve for the dense trainer as the MoE trainer resolves them
     defaults = {"data": str(find_data_yaml(data))} if data else {}
