@@ -115,6 +115,21 @@ def test_yolo_moe_active_flops_match_yolo11_at_top1(scale):
     assert sum(p.numel() for p in moe.parameters()) > sum(p.numel() for p in dense.parameters())
 
 
+def test_tied_moe_starts_as_the_dense_yolo_built_from_the_same_seed():
+    """So a dense warmup trains what YOLO11 trains, and `compare` pairs the two from one start."""
+    torch.manual_seed(0)
+    dense = DetectionModel("yolo11n.yaml", nc=3, verbose=False).eval()
+    torch.manual_seed(0)
+    moe = build_model("visionmoe-yolo-n.yaml", nc=3, verbose=False).eval()
+    for block in moe.moe_blocks():
+        block.tie()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[0], dense(x)[0], atol=0, rtol=0)
+    experts = moe.moe_blocks()[0].experts
+    assert not torch.equal(experts[0].m[0].cv1.conv.weight, experts[1].m[0].cv1.conv.weight)  # the rest start fresh
+
+
 def test_params_grow_with_experts_but_active_params_do_not():
     small, big = (build_model("visionmoe-yolo-n.yaml", verbose=False, experts=e) for e in (2, 8))
     total = [sum(p.numel() for p in m.parameters()) for m in (small, big)]

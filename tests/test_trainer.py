@@ -281,3 +281,71 @@ def test_grad_norm_meter_reads_the_norm_the_trainer_clips_and_still_steps(monkey
     assert router == pytest.approx(3.0 * routers**0.5, rel=1e-5) and other == pytest.approx(0.5 * rest**0.5, rel=1e-5)
     clipped = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
     assert total == pytest.approx(float(clipped), rel=1e-5)
+
+
+def test_routers_gradients_are_clipped_apart_from_the_detectors():
+    """Ultralytics clips all gradients together at norm 10; the MoE trainer clips the routers' apart, so that their
+    losses cannot scale the detector's step."""
+    from types import SimpleNamespace
+
+    from visionmoe.nn.tasks import build_model
+
+    model = build_model("visionmoe-yolo-n.yaml", verbose=False)
+    is_router = {name: ".router." in name for name, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = torch.full_like(p, 1e3 if is_router[name] else 0.5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), ema=None,
+                              scaler=torch.amp.GradScaler("cpu", enabled=False))  # fmt: skip
+    MoEDetectionTrainer.optimizer_step(trainer)
+    steps = {True: [], False: []}
+    for name, p in model.named_parameters():
+        steps[is_router[name]].append((before[name] - p.detach()).flatten().double())  # fp32 norms of 4M drift
+    # each part steps by its own clipped gradient, of norm 10; clipped together the detector would step ~1e-4
+    assert torch.cat(steps[False]).norm() == pytest.approx(10.0, rel=1e-4)
+    assert torch.cat(steps[True]).norm() == pytest.approx(10.0, rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # and the step zeroes the gradients, as Ultralytics'
+
+
+def test_a_tied_moe_trains_exactly_as_the_dense_yolo_of_the_same_seed_until_the_split(tmp_path, coco8):
+    """Expert 0 starts as the dense block, routers neither bend the features (detach_router: warmup) nor scale the
+    detector's step (clipped apart), and compare gives dense runs the same optimizer kernels: through the dense
+    warmup the MoE's detector is the dense model, to the bit, even while its routers learn domains."""
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import YAML
+
+    from visionmoe.engine.compare import _use_allowed_cpus, _use_fast_kernels
+    from visionmoe.nn.upcycle import dense_source
+
+    train = sorted(p.stem for p in (coco8 / "images" / "train").iterdir())
+    data = tmp_path / "coco8-domains.yaml"  # tagged, so that the routers learn (domain_loss: auto) while tied
+    YAML.save(data, {"path": str(coco8), "train": "images/train", "val": "images/val",
+                     "names": check_det_dataset("coco8.yaml")["names"], "domains": dict(zip(train, "aabc"))})  # fmt: skip
+    args = {"data": str(data), "device": "cpu", "epochs": 3, "imgsz": 64, "batch": 2, "nbs": 2, "workers": 0,
+            "seed": 0, "project": str(tmp_path), "plots": False, "val": False}  # fmt: skip
+    weights = {}
+
+    def keep_weights_after_the_warmup(trainer):
+        if trainer.epoch == 1:  # the second of two tied epochs (dense_warmup 0.67 of 3)
+            weights[type(trainer).__name__] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            trainer.stop = True
+
+    start = {}
+    moe = MoEDetectionTrainer(overrides={**args, "model": "visionmoe-yolo-n.yaml", "dense_warmup": 0.67, "name": "m"})
+    moe.add_callback("on_train_start", lambda t: start.update({k: v.clone() for k, v in t.model.state_dict().items()}))
+    moe.add_callback("on_train_epoch_end", keep_weights_after_the_warmup)
+    moe.train()
+    dense = DetectionTrainer(overrides={**args, "model": "yolo11n.yaml", "name": "d"})
+    _use_allowed_cpus(dense)  # as compare does: the thread count changes the rounding of every conv
+    dense.add_callback("on_pretrain_routine_end", _use_fast_kernels)
+    dense.add_callback("on_train_epoch_end", keep_weights_after_the_warmup)
+    dense.train()
+    m, d = weights["MoEDetectionTrainer"], weights["DetectionTrainer"]
+    routers = [k for k in m if ".router.gate." in k]
+    assert routers and all(not torch.equal(m[k], start[k]) for k in routers)  # the routers learned while tied
+    shared = {k: dense_source(k) for k in m if dense_source(k) in d and ".experts." not in k}
+    shared.update({k: dense_source(k) for k in m if ".experts.0." in k})
+    assert len(shared) == len(d)  # every dense tensor has its MoE counterpart
+    differ = [k for k, src in shared.items() if not torch.equal(m[k], d[src])]
+    assert not differ, differ[:5]

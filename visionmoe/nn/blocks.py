@@ -195,14 +195,15 @@ class MoEC3k2(MoEBlock):
     def from_dense(
         cls, block: C3k2, settings: MoESettings, upcycle: bool = False, context_channels: int = 0
     ) -> MoEC3k2:
-        """Build from a dense C3k2, reusing its convs; experts copy its bottlenecks (upcycle) or start fresh.
+        """Build from a dense C3k2, reusing its convs; experts copy its bottlenecks (upcycle) or start fresh, except
+        expert 0, which takes them over, so that a tied MoE starts as the dense model built from the same seed.
         context_channels: channels of the `router_context` map the router also reads (0: none)."""
 
         def expert() -> BottleneckStack:
             blocks = deepcopy(block.m)
             return BottleneckStack(blocks if upcycle else reinitialize(blocks))
 
-        experts = [expert() for _ in range(settings.experts)]
+        experts = [BottleneckStack(block.m)] + [expert() for _ in range(settings.experts - 1)]
         shared = expert() if settings.shared_expert else None
         return cls(block.cv1, block.cv2, experts, Router(block.c, settings, context_channels), shared)
 

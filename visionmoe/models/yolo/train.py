@@ -21,6 +21,7 @@ from ...analysis.utilisation import UtilisationTracker
 from ...analysis.validator import RoutingValidator
 from ...data import find_data_yaml
 from ...nn.capacity import reset_capacity, token_routed_layers
+from ...nn.router import Router
 from ...nn.router_init import nearest_centroid_gate
 from ...nn.settings import MoESettings, check_keys, pop_moe_overrides, resolve_domain_loss
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
@@ -29,6 +30,7 @@ from ...utils import is_image_file, partial_path, readable_image, replaced_atomi
 from .calibrate import calibrate_checkpoint
 
 UTILISATION_CSV = "expert_utilisation.csv"
+CLIP_NORM = 10.0  # BaseTrainer.optimizer_step's max_norm
 
 
 class MoEDetectionTrainer(DetectionTrainer):
@@ -79,6 +81,25 @@ class MoEDetectionTrainer(DetectionTrainer):
         model holds E copies of every expert tensor; see `use_fast_kernels`.
         """
         return use_fast_kernels(super().build_optimizer(*args, **kwargs))
+
+    def optimizer_step(self) -> None:
+        """Ultralytics' step (unscale, clip the gradient norm at 10, step, EMA update), with the routers' gradients
+        clipped apart from the detector's.
+
+        Ultralytics clips the norm of all gradients together, so the routers' own losses would scale every step of
+        the detector; clipped apart, the detector steps as it would without routers, and a tied MoE trains
+        exactly as the dense YOLO built from the same seed until its experts split (`split_epoch`).
+        """
+        self.scaler.unscale_(self.optimizer)
+        routers = {id(p) for m in unwrap_model(self.model).modules() if isinstance(m, Router) for p in m.parameters()}
+        params = list(self.model.parameters())
+        for group in ([p for p in params if id(p) not in routers], [p for p in params if id(p) in routers]):
+            torch.nn.utils.clip_grad_norm_(group, max_norm=CLIP_NORM)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
 
     def preprocess_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Ultralytics' preprocessing; under `domain_loss` the batch also gets 'domain_expert' [B], the expert of each
