@@ -121,3 +121,24 @@ def test_dataset_without_images_fails_before_training(tmp_path):
     r = run_cli("compare", "models=yolo11n.yaml", f"data={data}", f"project={tmp_path / 'runs'}", cwd=tmp_path)
     assert r.returncode == 2 and "images not found" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_paired_epochs_finds_where_the_moe_leaves_the_dense_run(tmp_path, monkeypatch):
+    """benchmarks/paired_epochs.py: per seed, the first epoch whose mAP differs, and every epoch's delta."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from paired_epochs import paired, report
+
+    maps = {("moe", 0): [0.1, 0.2, 0.35], ("dense", 0): [0.1, 0.2, 0.30], ("moe", 1): [0.1, 0.25, 0.3],
+            ("dense", 1): [0.1, 0.2, 0.4], ("moe", 2): [0.5, 0.6, 0.7]}  # fmt: skip
+    for (model, seed), values in maps.items():
+        run = tmp_path / model / f"seed{seed}"
+        run.mkdir(parents=True)
+        rows = "".join(f"{e + 1},{m}\n" for e, m in enumerate(values))
+        (run / "results.csv").write_text("epoch,  metrics/mAP50-95(B)\n" + rows)  # Ultralytics pads its header
+    pairs = paired(tmp_path, "moe", "dense")
+    assert sorted(pairs) == [0, 1]  # seed 2 has no dense run
+    lines = report(pairs)
+    assert lines[:2] == ["seed 0: first differs at epoch 3", "seed 1: first differs at epoch 2"]
+    assert lines[-1] == "| 3 | +0.0500 | -0.1000 | -0.0250 |"
