@@ -40,9 +40,10 @@ class MoEDetectionTrainer(DetectionTrainer):
     built from a YAML. The 'moe' loss column comes from MoEDetectionModel.loss; per-epoch expert shares go to
     `expert_utilisation.csv` in the run folder. With `dense_warmup`, per-image MoE blocks train tied (one expert,
     router idle) for that fraction of the epochs and then split into E copies (see `_split_after_dense_warmup`).
-    The optimizer steps with fused or foreach kernels. Validation records routing. At the end of training, best.pt's
-    eval capacity is calibrated on the val split (token-routed models), and the final validation's utilisation and
-    NMI summary goes to analysis.json and analysis.md in the run folder.
+    The optimizer steps with fused or foreach kernels, the routers' gradients clipped apart from the detector's.
+    Validation records routing. At the end of training, best.pt's eval capacity is calibrated on the val split
+    (token-routed models), and the final validation's utilisation and NMI summary goes to analysis.json and
+    analysis.md in the run folder.
     """
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict[str, Any] | None = None, _callbacks=None):
