@@ -21,7 +21,6 @@ from ...analysis.utilisation import UtilisationTracker
 from ...analysis.validator import RoutingValidator
 from ...data import find_data_yaml
 from ...nn.capacity import reset_capacity, token_routed_layers
-from ...nn.router import Router
 from ...nn.router_init import nearest_centroid_gate
 from ...nn.settings import MoESettings, check_keys, pop_moe_overrides, resolve_domain_loss
 from ...nn.tasks import MoEModel, build_model, load_model_yaml
@@ -92,7 +91,7 @@ class MoEDetectionTrainer(DetectionTrainer):
         exactly as the dense YOLO built from the same seed until its experts split (`split_epoch`).
         """
         self.scaler.unscale_(self.optimizer)
-        routers = {id(p) for m in unwrap_model(self.model).modules() if isinstance(m, Router) for p in m.parameters()}
+        routers = {id(p) for block in unwrap_model(self.model).moe_blocks() for p in block.router.parameters()}
         params = list(self.model.parameters())
         for group in ([p for p in params if id(p) not in routers], [p for p in params if id(p) in routers]):
             torch.nn.utils.clip_grad_norm_(group, max_norm=CLIP_NORM)
